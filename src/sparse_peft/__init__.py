@@ -1,0 +1,27 @@
+"""sparse_peft: sparsity-preserving fine-tuning for pruned LLMs, as a plugin for Hugging Face PEFT.
+
+Importing this package registers its tuner types with peft, so ``peft.get_peft_model``,
+``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained``, ``AutoPeftModel*`` and transformers'
+``load_adapter`` handle them like LoRA. Import it before loading a saved sparse adapter.
+
+Importing never initialises CUDA and never compiles: native kernels load lazily on first CUDA use.
+"""
+
+from __future__ import annotations
+
+from ._registry import SparsePeftType, register
+from .pruning.report import SparsityReport, sparsity_report
+from .tuners.sparse_lora import SparseLoraConfig, SparseLoraModel, set_sparse_lora_masks
+
+__version__ = "0.1.0"
+
+register(SparsePeftType.SPARSE_LORA, SparseLoraConfig, SparseLoraModel)
+
+__all__ = [
+    "SparseLoraConfig",
+    "SparseLoraModel",
+    "SparsePeftType",
+    "SparsityReport",
+    "set_sparse_lora_masks",
+    "sparsity_report",
+]

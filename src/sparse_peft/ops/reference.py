@@ -1,0 +1,93 @@
+"""Pure-PyTorch definition of every sparse_peft op: the spec, the CPU path and the test oracle.
+
+Conventions shared by all ops:
+
+- ``weight`` is in ``nn.Linear`` layout ``(d_out, d_in)``; a flat index ``k`` addresses ``weight[k // d_in, k % d_in]``.
+- ``input`` is ``(..., d_in)`` and ``grad_output`` is ``(..., d_out)``; leading dimensions are flattened into ``T``.
+- Indices may be int32 or int64, unsorted and repeated. Repeated indices *accumulate* in
+  :func:`scatter_add_delta` (their values are summed), and each occurrence gets the same gradient in
+  :func:`gather_weight_grad`.
+- Results are computed in fp32 and returned in the dtype of the main operand.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def scatter_add_delta(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``weight + scatter(values at flat indices)``, out of place. Repeated indices are summed."""
+    out = weight.detach().float().clone().reshape(-1)  # (d_out * d_in,)
+    out.index_add_(0, indices.long(), values.detach().float())
+    return out.reshape(weight.shape).to(weight.dtype)
+
+
+def scatter_add_delta_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """In-place ``weight += alpha * scatter(values)`` (used by merge/unmerge). Returns ``weight``."""
+    flat = weight.data.view(-1)  # (d_out * d_in,)
+    idx = indices.long()
+    if weight.dtype == torch.float32:
+        flat.index_add_(0, idx, values.detach().float(), alpha=alpha)
+    else:  # accumulate in fp32, round once
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        acc = torch.zeros(uniq.numel(), dtype=torch.float32, device=weight.device)
+        acc.index_add_(0, inv, values.detach().float())
+        flat[uniq] = (flat[uniq].float() + alpha * acc).to(weight.dtype)
+    return weight
+
+
+def gather_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """For every flat index ``k = i * d_in + j``: ``Σ_t grad_output[t, i] * input[t, j]`` (an SDDMM).
+
+    Equal to ``(grad_output^T @ input).flatten()[indices]`` without forming the ``(d_out, d_in)`` gradient.
+    Returns fp32 values of shape ``(len(indices),)``.
+    """
+    d_out, d_in = grad_output.shape[-1], input.shape[-1]
+    g = grad_output.reshape(-1, d_out).float()  # (T, d_out)
+    x = input.reshape(-1, d_in).float()  # (T, d_in)
+    idx = indices.long()
+    rows, cols = idx // d_in, idx % d_in  # (k,)
+    out = torch.empty(idx.numel(), dtype=torch.float32, device=g.device)
+    chunk = max(1, (1 << 24) // max(1, g.shape[0]))  # bound the (T, chunk) temporaries to ~64 MB
+    for s in range(0, idx.numel(), chunk):
+        r, c = rows[s : s + chunk], cols[s : s + chunk]
+        out[s : s + chunk] = (g[:, r] * x[:, c]).sum(0)  # (chunk,)
+    return out
+
+
+def partial_weight_grad(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+    cols: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The weight gradient ``grad_output^T @ input`` restricted to output ``rows`` and/or input ``cols``.
+
+    Returns ``(len(rows) or d_out, len(cols) or d_in)`` in fp32.
+    """
+    d_out, d_in = grad_output.shape[-1], input.shape[-1]
+    g = grad_output.reshape(-1, d_out)  # (T, d_out)
+    x = input.reshape(-1, d_in)  # (T, d_in)
+    if rows is not None:
+        g = g.index_select(1, rows.long())  # (T, R)
+    if cols is not None:
+        x = x.index_select(1, cols.long())  # (T, C)
+    return g.float().t() @ x.float()  # (R, C)
+
+
+def masked_lora_grad(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grad_A, grad_B`` of ``y = x (s · M ⊙ (B A))^T``: with ``G = s · M ⊙ (g^T x)``, ``B^T G`` and ``G A^T``."""
+    d_out, d_in = grad_output.shape[-1], input.shape[-1]
+    g = grad_output.reshape(-1, d_out).float()  # (T, d_out)
+    x = input.reshape(-1, d_in).float()  # (T, d_in)
+    gm = (g.t() @ x).masked_fill_(~mask.bool(), 0.0).mul_(scaling)  # (d_out, d_in)
+    return lora_b.float().t() @ gm, gm @ lora_a.float().t()  # (r, d_in), (d_out, r)

@@ -1,0 +1,1 @@
+"""The tuners sparse_peft adds to peft, one subpackage each (config / layer / model)."""

@@ -1,0 +1,60 @@
+"""Pieces shared by the tuners: default target modules per architecture and the zero-pattern check on load.
+
+Sparse fine-tuning recovers a pruned model best when every pruned projection can move, so the defaults cover all
+attention and MLP projections of a block (LoRA's peft default covers only q and v).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "bert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "key", "value", "dense"],
+}
+
+
+def default_target_modules(model_type: str | None, config_name: str) -> set[str]:
+    """The default targets of ``model_type``, or a clear error naming the config field to set."""
+    targets = DEFAULT_TARGET_MODULES.get(model_type or "")
+    if targets is None:
+        raise ValueError(
+            f"{config_name}.target_modules is not set and sparse_peft has no default for model_type={model_type!r}. "
+            f"Pass target_modules=[...] (module names such as 'q_proj') or target_modules='all-linear'."
+        )
+    return set(targets)
+
+
+def check_zero_fingerprints(model, state_dict: dict, adapter_name: str, attr: str) -> None:
+    """Refuse to load an adapter onto a base whose zero pattern differs from the one it was trained on.
+
+    ``state_dict`` is a checkpoint already remapped to the model's keys. Every ``<module>.<attr>.<adapter_name>``
+    entry in it is compared with the fingerprint the freshly injected layer computed from the current base.
+    """
+    suffix = f".{attr}.{adapter_name}"
+    current = {k: v for k, v in model.named_buffers() if k.endswith(suffix)}
+    bad = []
+    for key, saved in state_dict.items():
+        if key.endswith(suffix) and key in current:
+            if not torch.equal(saved.to(current[key].device, torch.int64), current[key]):
+                bad.append(key[: -len(suffix)])
+    if bad:
+        raise ValueError(
+            f"adapter {adapter_name!r} was trained on a base with a different zero pattern: {len(bad)} module(s) "
+            f"differ, first {bad[0]!r}. Loading it would silently change which weights are zero. Load it onto the "
+            "same pruned base it was trained on (re-apply the saved masks with sparse_peft.pruning.apply_masks "
+            "if needed)."
+        )
