@@ -85,10 +85,17 @@ def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and module is not head and hasattr(module, "weight"):
-            if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2:
-                found[name.replace(".base_layer", "")] = module
+        if not isinstance(module, (nn.Linear, Conv1D)) or module is head or ".modules_to_save." in name:
+            continue
+        if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2:
+            found[_base_name(name)] = module
     return found
+
+
+def _base_name(name: str) -> str:
+    """The name a module has in the plain base model (peft wraps it under ``base_model.model`` and ``base_layer``)."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer", "").replace(".original_module", "")
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

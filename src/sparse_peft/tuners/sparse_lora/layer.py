@@ -30,14 +30,19 @@ def _masked_delta(
     scalings: Sequence[float],
     ab: Sequence[torch.Tensor],
 ) -> torch.Tensor:
-    """Σ_a s_a · M_a ⊙ (B_a @ A_a), in fp32, shape ``(d_out, d_in)``."""
+    """Σ_a s_a · M_a ⊙ (B_a @ A_a), in fp32 (fp64 for fp64 adapters), shape ``(d_out, d_in)``."""
     delta = None
     for i, (packed, s) in enumerate(zip(packed_masks, scalings)):
         a, b = ab[2 * i], ab[2 * i + 1]  # (r, d_in), (d_out, r)
-        d = (b.float() @ a.float()).mul_(s)  # (d_out, d_in)
+        ct = _compute_dtype(a)
+        d = (b.to(ct) @ a.to(ct)).mul_(s)  # (d_out, d_in)
         d.masked_fill_(~unpack_mask(packed, shape), 0.0)
         delta = d if delta is None else delta.add_(d)
     return delta
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 class MaskedLoraLinearFn(torch.autograd.Function):
@@ -72,12 +77,13 @@ class MaskedLoraLinearFn(torch.autograd.Function):
             grad_bias = g.sum(0)
         grad_ab = []
         if any(ctx.needs_input_grad[6:]):
-            grad_w = (g.t() @ x2).float()  # (d_out, d_in): the dense weight gradient, transient
+            ct = _compute_dtype(ab[0])
+            grad_w = (g.t() @ x2).to(ct)  # (d_out, d_in): the dense weight gradient, transient
             for i, (packed, s) in enumerate(zip(ctx.packed_masks, ctx.scalings)):
                 a, b = ab[2 * i], ab[2 * i + 1]
                 gm = grad_w.masked_fill(~unpack_mask(packed, ctx.shape), 0.0).mul_(s)  # (d_out, d_in)
-                grad_ab.append((b.float().t() @ gm).to(a.dtype))  # (r, d_in)
-                grad_ab.append((gm @ a.float().t()).to(b.dtype))  # (d_out, r)
+                grad_ab.append((b.to(ct).t() @ gm).to(a.dtype))  # (r, d_in)
+                grad_ab.append((gm @ a.to(ct).t()).to(b.dtype))  # (d_out, r)
         else:
             grad_ab = [None] * len(ab)
         return (grad_x, None, grad_bias, None, None, None, *grad_ab)
