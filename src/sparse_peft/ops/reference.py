@@ -7,7 +7,12 @@ Conventions shared by all ops:
 - Indices may be int32 or int64, unsorted and repeated. Repeated indices *accumulate* in
   :func:`scatter_add_delta` (their values are summed), and each occurrence gets the same gradient in
   :func:`gather_weight_grad`.
-- Results are computed in fp32 and returned in the dtype of the main operand.
+- Results are computed in fp32. ``scatter_add_delta(_)`` returns ``weight.dtype`` (the fp32 sum is rounded once per
+  element); the gradient ops return fp32.
+- Empty index sets, non-contiguous tensors and fp32/fp16/bf16 inputs are allowed. Indices must lie in
+  ``[0, d_out * d_in)``: here an out-of-range index raises, the CUDA kernels skip it (scatter) or return 0 (gather).
+- :mod:`sparse_peft.ops` wraps these functions as ``torch.library`` custom ops with CUDA kernels; the kernels must
+  compute exactly these functions (up to floating-point summation order).
 """
 
 from __future__ import annotations
@@ -25,8 +30,13 @@ def scatter_add_delta(weight: torch.Tensor, indices: torch.Tensor, values: torch
 
 
 def scatter_add_delta_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """In-place ``weight += alpha * scatter(values)`` (used by merge/unmerge). Returns ``weight``."""
-    flat = weight.data.view(-1)  # (d_out * d_in,)
+    """In-place ``weight += alpha * scatter(values)`` (used by merge/unmerge). Returns ``weight``.
+
+    Repeated indices are summed in fp32 and the element is rounded once to ``weight.dtype``.
+    """
+    target = weight.data
+    contiguous = target.is_contiguous()
+    flat = target.view(-1) if contiguous else target.contiguous().view(-1)  # (d_out * d_in,)
     idx = indices.long()
     if weight.dtype == torch.float32:
         flat.index_add_(0, idx, values.detach().float(), alpha=alpha)
@@ -35,6 +45,8 @@ def scatter_add_delta_(weight: torch.Tensor, indices: torch.Tensor, values: torc
         acc = torch.zeros(uniq.numel(), dtype=torch.float32, device=weight.device)
         acc.index_add_(0, inv, values.detach().float())
         flat[uniq] = (flat[uniq].float() + alpha * acc).to(weight.dtype)
+    if not contiguous:  # a non-contiguous weight was updated through a contiguous copy
+        target.copy_(flat.view(target.shape))
     return weight
 
 
@@ -45,15 +57,15 @@ def gather_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, indices: 
     Returns fp32 values of shape ``(len(indices),)``.
     """
     d_out, d_in = grad_output.shape[-1], input.shape[-1]
-    g = grad_output.reshape(-1, d_out).float()  # (T, d_out)
-    x = input.reshape(-1, d_in).float()  # (T, d_in)
+    g_t = grad_output.reshape(-1, d_out).t().float().contiguous()  # (d_out, T), token-contiguous rows
+    x_t = input.reshape(-1, d_in).t().float().contiguous()  # (d_in, T)
     idx = indices.long()
     rows, cols = idx // d_in, idx % d_in  # (k,)
-    out = torch.empty(idx.numel(), dtype=torch.float32, device=g.device)
-    chunk = max(1, (1 << 24) // max(1, g.shape[0]))  # bound the (T, chunk) temporaries to ~64 MB
+    out = torch.empty(idx.numel(), dtype=torch.float32, device=g_t.device)
+    chunk = max(1, (1 << 24) // max(1, g_t.shape[1]))  # bound the (chunk, T) gathered rows to ~64 MB each
     for s in range(0, idx.numel(), chunk):
-        r, c = rows[s : s + chunk], cols[s : s + chunk]
-        out[s : s + chunk] = (g[:, r] * x[:, c]).sum(0)  # (chunk,)
+        g_r, x_c = g_t[rows[s : s + chunk]], x_t[cols[s : s + chunk]]  # (chunk, T) each
+        out[s : s + chunk] = torch.bmm(g_r.unsqueeze(1), x_c.unsqueeze(2)).view(-1)  # (chunk,) row-wise dots
     return out
 
 
