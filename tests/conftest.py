@@ -94,3 +94,29 @@ def is_conv1d(module: nn.Module) -> bool:
 @pytest.fixture
 def tmp_dir(tmp_path):
     return str(tmp_path)
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 3)]
+
+
+def make_tokenizer():
+    """An offline word-level tokenizer over ``WORDS`` (ids 3..VOCAB-1) with pad/eos and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>",
+                                               pad_token="<pad>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+    return tok
+
+
+def word_texts(n: int = 60, length: int = 40, seed: int = 0) -> list[str]:
+    """Texts over ``WORDS`` with a learnable structure (each word tends to follow its predecessor)."""
+    g = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(n):
+        start = int(torch.randint(0, len(WORDS), (1,), generator=g))
+        texts.append(" ".join(WORDS[(start + i) % len(WORDS)] for i in range(length)))
+    return texts
