@@ -53,3 +53,31 @@ def test_sparsity_report_table_and_data():
     assert report.nm_valid is False
     assert [m.name for m in report.modules if not m.nm_valid] == ["model.layers.0.mlp.up_proj"]
     assert sparse_peft.sparsity_report(model).nm_valid is None
+
+
+def test_loading_without_import_says_to_import_sparse_peft(tmp_path):
+    """A fresh interpreter that never imports sparse_peft gets a clear hint, not a bare KeyError."""
+    sparse_peft.SparseLoraConfig(r=2).save_pretrained(tmp_path)
+    code = (
+        "import sys, transformers\n"
+        "from peft import PeftConfig, PeftModel\n"
+        "cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=1)\n"
+        "for load in (lambda: PeftConfig.from_pretrained(sys.argv[1]),\n"
+        "             lambda: PeftModel.from_pretrained(transformers.LlamaForCausalLM(cfg), sys.argv[1]),\n"
+        "             lambda: transformers.LlamaForCausalLM(cfg).load_adapter(sys.argv[1])):\n"
+        "    try:\n"
+        "        load()\n"
+        "    except Exception as exc:\n"
+        "        print('ERR', exc)\n"
+        "    else:\n"
+        "        print('LOADED')\n"
+        "assert 'sparse_peft' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "SPARSE_PEFT_NO_BOOT"})
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("ERR", "LOADED"))]
+    assert len(lines) == 3
+    for line in lines:
+        assert line.startswith("ERR") and "import sparse_peft" in line, line
