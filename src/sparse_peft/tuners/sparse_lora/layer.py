@@ -4,13 +4,18 @@ The naive implementation builds the dense ``M ⊙ BA`` per layer and lets autogr
 backward. :class:`MaskedLoraLinearFn` instead saves only ``x``, ``A`` and ``B`` and recomputes the masked delta in
 backward. Unlike LoRS it keeps the mask in the gradient, so ``grad_A`` and ``grad_B`` equal autograd's through the
 dense formulation.
+
+bitsandbytes bases (``Linear4bit`` NF4/FP4, ``Linear8bitLt``) are handled QLoRA-style: the function gets a callable
+that dequantizes the base weight, calls it in forward and again in backward, and keeps nothing of size
+``(d_out, d_in)`` in between. bitsandbytes is never imported here; it is looked up only when it is already loaded.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -21,7 +26,89 @@ from transformers.pytorch_utils import Conv1D
 from ..._registry import BufferDict
 from ...masks import nm_mask, pack_mask, parse_nm, unpack_mask, zero_fingerprint
 
-SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)  # plus bitsandbytes' Linear4bit / Linear8bitLt, see is_supported_layer
+
+BNB_2078 = (
+    "bitsandbytes issue 2078: on CPUs with AVX512-BF16, a no-grad eval forward through bitsandbytes' own "
+    "Linear4bit.forward repacks the 4-bit weight in place, after which dequantizing it gives wrong values, merges "
+    "come out wrong and gradients stop"
+)
+
+
+def _bnb_kind(module: nn.Module) -> Optional[str]:
+    """``"4bit"`` for bitsandbytes ``Linear4bit`` (NF4/FP4), ``"8bit"`` for ``Linear8bitLt``, else ``None``."""
+    bnb = sys.modules.get("bitsandbytes")  # a bnb layer implies bnb is loaded; never import it ourselves
+    if bnb is None:
+        return None
+    if isinstance(module, bnb.nn.Linear4bit):
+        return "4bit"
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return "8bit"
+    return None
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    """``nn.Linear``, transformers ``Conv1D``, or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``."""
+    return type(module) in SUPPORTED_LAYERS or _bnb_kind(module) is not None
+
+
+def is_repacked_for_cpu(module: nn.Module) -> bool:
+    """True when bitsandbytes has repacked this ``Linear4bit``'s weight for its AVX512-BF16 CPU kernel (issue 2078)."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def check_not_repacked(module: nn.Module, module_name: str = "") -> None:
+    """Raise a clear error when ``module``'s 4-bit weight was repacked in place (bitsandbytes issue 2078)."""
+    if is_repacked_for_cpu(module):
+        where = f" of module {module_name!r}" if module_name else ""
+        raise RuntimeError(
+            f"The 4-bit weight{where} is in bitsandbytes' CPU inference layout ({BNB_2078}). SparseLoRA cannot use "
+            "it. Fix: reload the quantized model and call get_peft_model before any eval/no-grad forward; sparse_peft "
+            "then sets support_avx512bf16_for_cpu=False on every Linear4bit, which stops the repacking (do the same "
+            "yourself before running inference on a bare 4-bit model)."
+        )
+
+
+def _dequantize(base: nn.Module, kind: str, module_name: str = "") -> torch.Tensor:
+    """The dense weight of a bitsandbytes layer, ``(d_out, d_in)``, in a fresh tensor."""
+    import bitsandbytes as bnb  # already loaded: _bnb_kind found it
+
+    w = base.weight
+    if kind == "4bit":
+        check_not_repacked(base, module_name)
+        if getattr(w, "quant_state", None) is None:
+            raise RuntimeError(f"the Linear4bit {module_name!r} is not quantized yet; move it to a device first "
+                               "(module.to('cpu') or .cuda()) so bitsandbytes quantizes it.")
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state)  # (d_out, d_in), quant_state.dtype
+    if w.dtype != torch.int8:
+        raise TypeError(f"the Linear8bitLt {module_name!r} holds a {w.dtype} weight (has_fp16_weights=True or not "
+                        "quantized yet); SparseLoRA supports int8-quantized Linear8bitLt only.")
+    scb = w.SCB if getattr(w, "SCB", None) is not None else base.state.SCB  # bnb moves SCB to state on forward
+    return bnb.functional.int8_vectorwise_dequant(w.data, scb)  # (d_out, d_in) fp32
+
+
+def _requantize(base: nn.Module, kind: str, dense: torch.Tensor) -> None:
+    """Replace the weight of a bitsandbytes layer by ``dense`` ``(d_out, d_in)``, quantized like the old one."""
+    import bitsandbytes as bnb
+
+    old = base.weight
+    if kind == "4bit":
+        qs = old.quant_state
+        data, state = bnb.functional.quantize_4bit(
+            dense.to(qs.dtype).contiguous(), blocksize=old.blocksize, compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type, quant_storage=old.quant_storage,
+        )
+        base.weight = bnb.nn.Params4bit(
+            data, requires_grad=False, quant_state=state, blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
+            module=base, bnb_quantized=True,
+        )
+        base.quant_state = state
+        return
+    cb, scb, _ = bnb.functional.int8_vectorwise_quant(dense.to(torch.float16).contiguous())  # as Int8Params does
+    base.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    base.state.reset_grads()
 
 
 def _masked_delta(
@@ -29,8 +116,8 @@ def _masked_delta(
     shape: tuple[int, int],
     scalings: Sequence[float],
     ab: Sequence[torch.Tensor],
-) -> torch.Tensor:
-    """Σ_a s_a · M_a ⊙ (B_a @ A_a), in fp32 (fp64 for fp64 adapters), shape ``(d_out, d_in)``."""
+) -> Optional[torch.Tensor]:
+    """Σ_a s_a · M_a ⊙ (B_a @ A_a), in fp32 (fp64 for fp64 adapters), ``(d_out, d_in)``; None without adapters."""
     delta = None
     for i, (packed, s) in enumerate(zip(packed_masks, scalings)):
         a, b = ab[2 * i], ab[2 * i + 1]  # (r, d_in), (d_out, r)
@@ -45,19 +132,38 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+WeightArg = Union[torch.Tensor, Callable[[], torch.Tensor], None]
+
+
+def _effective_weight(weight: Optional[torch.Tensor], delta: Optional[torch.Tensor],
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``W + delta`` (either may be None: no base / no adapter), ``(d_out, d_in)`` in ``dtype``."""
+    if weight is None:
+        return delta.to(dtype)
+    if delta is None:
+        return weight.to(dtype)
+    return (weight + delta.to(weight.dtype)).to(dtype)
+
+
 class MaskedLoraLinearFn(torch.autograd.Function):
     """``F.linear(x, W + Σ_a s_a M_a ⊙ (B_a A_a), bias)``; ``weight=None`` means the delta alone.
 
-    Saved for backward: ``x``, the (frozen) weight, and the adapters' ``A``/``B``. The dense delta, the effective
-    weight and the masks are rebuilt in backward; no ``(d_out, d_in)`` tensor outlives the forward.
+    ``weight`` may also be a callable returning the dense ``(d_out, d_in)`` weight (a dequantizing bitsandbytes
+    base): it is called in forward and again in backward, so the dequantized weight is never saved.
+
+    Saved for backward: ``x``, the (frozen) weight unless it comes from a callable, and the adapters' ``A``/``B``.
+    The dense delta, the effective weight and the masks are rebuilt in backward; no ``(d_out, d_in)`` tensor outlives
+    the forward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, packed_masks, shape, scalings, *ab):
-        delta = _masked_delta(packed_masks, shape, scalings, ab)  # (d_out, d_in) fp32
-        w_eff = delta.to(x.dtype) if weight is None else weight + delta.to(weight.dtype)
-        out = F.linear(x, w_eff.to(x.dtype), bias)  # (..., d_out)
-        ctx.save_for_backward(x, weight, *ab)
+    def forward(ctx, x, weight: WeightArg, bias, packed_masks, shape, scalings, *ab):
+        getter = weight if callable(weight) and not isinstance(weight, torch.Tensor) else None
+        dense = getter() if getter is not None else weight  # (d_out, d_in), transient for a getter
+        delta = _masked_delta(packed_masks, shape, scalings, ab)  # (d_out, d_in) fp32, None without adapters
+        out = F.linear(x, _effective_weight(dense, delta, x.dtype), bias)  # (..., d_out)
+        ctx.save_for_backward(x, None if getter is not None else weight, *ab)
+        ctx.getter = getter
         ctx.packed_masks, ctx.shape, ctx.scalings = packed_masks, shape, scalings
         ctx.has_bias = bias is not None
         return out
@@ -66,17 +172,17 @@ class MaskedLoraLinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, *ab = ctx.saved_tensors
         d_out, d_in = ctx.shape
-        g = grad_out.reshape(-1, d_out)  # (T, d_out)
+        g = grad_out.reshape(-1, d_out).to(x.dtype)  # (T, d_out); autocast may have made it lower precision than x
         x2 = x.reshape(-1, d_in)  # (T, d_in)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
+            dense = ctx.getter() if ctx.getter is not None else weight  # recomputed, e.g. dequantized again
             scaled = _masked_delta(ctx.packed_masks, ctx.shape, ctx.scalings, ab)
-            w_eff = scaled.to(x.dtype) if weight is None else weight + scaled.to(weight.dtype)
-            grad_x = (g @ w_eff.to(g.dtype)).reshape(x.shape)  # (..., d_in)
+            grad_x = (g @ _effective_weight(dense, scaled, g.dtype)).reshape(x.shape)  # (..., d_in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         grad_ab = []
-        if any(ctx.needs_input_grad[6:]):
+        if ab and any(ctx.needs_input_grad[6:]):
             ct = _compute_dtype(ab[0])
             grad_w = (g.t() @ x2).to(ct)  # (d_out, d_in): the dense weight gradient, transient
             for i, (packed, s) in enumerate(zip(ctx.packed_masks, ctx.scalings)):
@@ -109,14 +215,20 @@ class SparseLoraLayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        self.module_name: str = kwargs.pop("module_name", "")  # for error messages only
         self.kwargs = kwargs
         base = self.get_base_layer()
         if isinstance(base, Conv1D):
             d_in, d_out = base.weight.shape
+        elif _bnb_kind(base) is not None:  # the packed weight's shape says nothing; nn.Linear's fields do
+            d_out, d_in = base.out_features, base.in_features
+            if _bnb_kind(base) == "4bit":
+                base.support_avx512bf16_for_cpu = False  # bnb issue 2078: never repack this weight in place
         elif isinstance(base, nn.Linear):
             d_out, d_in = base.weight.shape
         else:  # guarded by the model, kept for direct use
-            raise TypeError(f"SparseLoRA supports nn.Linear and transformers Conv1D, got {type(base).__name__}.")
+            raise TypeError(f"SparseLoRA supports nn.Linear, transformers Conv1D and bitsandbytes Linear4bit / "
+                            f"Linear8bitLt, got {type(base).__name__}.")
         self.in_features, self.out_features = d_in, d_out
 
     # ---- weight views ---------------------------------------------------------------------------------------
@@ -124,9 +236,19 @@ class SparseLoraLayer(BaseTunerLayer):
     def _fan_in_fan_out(self) -> bool:
         return isinstance(self.get_base_layer(), Conv1D)
 
+    @property
+    def quant_kind(self) -> Optional[str]:
+        """``"4bit"`` / ``"8bit"`` for a bitsandbytes base, else ``None``."""
+        return _bnb_kind(self.get_base_layer())
+
     def _linear_weight(self) -> torch.Tensor:
-        """The base weight as ``nn.Linear`` stores it, ``(d_out, d_in)`` (a view for Conv1D)."""
-        w = self.get_base_layer().weight
+        """The base weight as ``nn.Linear`` stores it, ``(d_out, d_in)``: a view for Conv1D, a fresh dequantized
+        tensor for a bitsandbytes base (which is why forward passes this method, not its result, for those)."""
+        base = self.get_base_layer()
+        kind = _bnb_kind(base)
+        if kind is not None:
+            return _dequantize(base, kind, self.module_name)
+        w = base.weight
         return w.t() if self._fan_in_fan_out else w
 
     @property
@@ -216,6 +338,8 @@ class Linear(nn.Module, SparseLoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_weights, mask_type, nm_pattern)
 
     def _write_delta(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
+        if self.quant_kind is not None:
+            return self._write_delta_quantized(adapter_name, sign, safe_merge)
         base = self.get_base_layer()
         w = base.weight
         delta = self.get_delta_weight(adapter_name)  # (d_out, d_in) fp32, exactly 0 outside M
@@ -230,6 +354,22 @@ class Linear(nn.Module, SparseLoraLayer):
         if self._fan_in_fan_out:
             keep = keep.t()
         w.data.copy_(torch.where(keep, w.data, new))
+
+    def _write_delta_quantized(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
+        """Dequantize, add ``sign · s M ⊙ BA`` (outside M the dequantized value is kept bit for bit), re-quantize.
+
+        Lossy for non-zeros, as in peft's LoRA: re-quantization rounds every value of a block again, with a new
+        absmax. Zeros stay exactly zero: 0 maps to the exact zero code of NF4, FP4 and int8.
+        """
+        if self.quant_kind == "4bit":
+            warnings.warn("Merging SparseLoRA into a 4-bit base re-quantizes the weight: non-zero values change by "
+                          "rounding error (zeros stay exactly zero).")
+        w = self._linear_weight()  # (d_out, d_in) dequantized, fresh
+        delta = self.get_delta_weight(adapter_name)  # (d_out, d_in) fp32, exactly 0 outside M
+        new = (w.float() + sign * delta).to(w.dtype)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"NaNs or infs detected while merging adapter {adapter_name!r}; the model is unchanged.")
+        _requantize(self.get_base_layer(), self.quant_kind, torch.where(self.get_mask(adapter_name), new, w))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         for name in check_adapters_to_merge(self, adapter_names):
@@ -250,21 +390,36 @@ class Linear(nn.Module, SparseLoraLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.sparse_lora_A]
         if not active:
-            return self.base_layer(x, *args, **kwargs)
-        base = self.get_base_layer()
-        weight, bias = self._linear_weight(), base.bias
+            return self._base_forward(x, *args, **kwargs)
         with_dropout = self.training and any(not isinstance(self.sparse_lora_dropout[a], nn.Identity) for a in active)
         if not with_dropout:  # one fused matmul with the effective weight
-            return MaskedLoraLinearFn.apply(x, weight, bias, *self._fn_args(active))
-        out = self.base_layer(x, *args, **kwargs)
+            return self._fused(x, self._fn_args(active))
+        out = self._base_forward(x, *args, **kwargs)
         for a in active:
             out = out + MaskedLoraLinearFn.apply(self.sparse_lora_dropout[a](x), None, None, *self._fn_args([a]))
         return out
+
+    def _fused(self, x: torch.Tensor, fn_args: list) -> torch.Tensor:
+        """``x (W + Σ s M ⊙ BA)^T + b`` in one matmul. A bitsandbytes base is dequantized inside the function (in
+        forward and again in backward), computing in its ``compute_dtype`` like bitsandbytes does."""
+        base = self.get_base_layer()
+        if self.quant_kind is None:
+            return MaskedLoraLinearFn.apply(x, self._linear_weight(), base.bias, *fn_args)
+        dtype = getattr(base, "compute_dtype", None) or x.dtype
+        bias = None if base.bias is None else base.bias.to(dtype)
+        return MaskedLoraLinearFn.apply(x.to(dtype), self._linear_weight, bias, *fn_args).to(x.dtype)
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer alone. A bitsandbytes base is dequantized here rather than run through its own forward,
+        whose CPU inference path repacks the weight in place (bitsandbytes issue 2078)."""
+        if self.quant_kind is None:
+            return self.base_layer(x, *args, **kwargs)
+        return self._fused(x, [(), self.weight_shape, ()])
 
     def _fn_args(self, adapters: list[str]) -> list:
         ab = []

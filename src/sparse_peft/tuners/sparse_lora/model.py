@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ..._registry import SparsePeftType
 from .._common import DEFAULT_TARGET_MODULES, check_zero_fingerprints, default_target_modules
-from .layer import SUPPORTED_LAYERS, Linear, SparseLoraLayer
+from .layer import Linear, SparseLoraLayer, _bnb_kind, check_not_repacked, is_supported_layer
 
 
 class SparseLoraModel(BaseTuner):
@@ -40,6 +40,20 @@ class SparseLoraModel(BaseTuner):
             peft_config.target_modules = default_target_modules(model_config.get("model_type"), "SparseLoraConfig")
         return peft_config
 
+    def _prepare_model(self, peft_config, model: nn.Module) -> None:
+        """Guard against bitsandbytes issue 2078 on every ``Linear4bit`` of the model, adapted or not.
+
+        On CPUs with AVX512-BF16, bitsandbytes' own no-grad eval forward repacks a 4-bit weight in place; gradients
+        then stop flowing through that layer and dequantizing it gives wrong values. Switching the repacking off
+        keeps bitsandbytes on its ordinary (slower on that CPU, but correct) path; a weight that is already repacked
+        is refused with a clear error.
+        """
+        super()._prepare_model(peft_config, model)
+        for name, module in model.named_modules():
+            if _bnb_kind(module) == "4bit":
+                check_not_repacked(module, name)
+                module.support_avx512bf16_for_cpu = False
+
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         layer_kwargs = dict(
             r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -49,12 +63,13 @@ class SparseLoraModel(BaseTuner):
             target.update_layer(adapter_name, **layer_kwargs)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if type(base) not in SUPPORTED_LAYERS:
+        if not is_supported_layer(base):
             raise TypeError(
-                f"SparseLoRA cannot adapt module {current_key!r} of type {type(base).__name__}: only torch.nn.Linear "
-                "and transformers' Conv1D are supported. Remove it from target_modules (or add it to exclude_modules)."
+                f"SparseLoRA cannot adapt module {current_key!r} of type {type(base).__name__}: only torch.nn.Linear, "
+                "transformers' Conv1D and bitsandbytes' Linear4bit / Linear8bitLt are supported. Remove it from "
+                "target_modules (or add it to exclude_modules)."
             )
-        new_module = Linear(target, adapter_name, **layer_kwargs)
+        new_module = Linear(target, adapter_name, module_name=current_key, **layer_kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
