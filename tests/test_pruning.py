@@ -1,0 +1,414 @@
+"""Pruning toolkit: exact sparsity, N:M validity, method ordering, DSnoT, sequential calibration, OWL, masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import CAUSAL_FAMILIES, VOCAB, make_model
+
+from sparse_peft.masks import is_nm
+from sparse_peft.pruning import (
+    apply_masks,
+    calibration_from_dataset,
+    calibration_from_texts,
+    dense_snapshot,
+    get_masks,
+    load_masks,
+    prune,
+    reconstruction_error,
+    repair,
+    save_masks,
+    sparsity_report,
+)
+from sparse_peft.pruning.allocation import owl_block_sparsities
+from sparse_peft.pruning.calibration import InputStats, decoder_layers
+from sparse_peft.pruning.criteria import split_evenly
+from sparse_peft.pruning.dsnot import dsnot_layer
+from sparse_peft.pruning.report import linear_weight, prunable_modules
+
+
+def calib(n: int = 8, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {n: linear_weight(m).detach().float().clone() for n, m in prunable_modules(model).items()}
+
+
+def correlated_model(layers: int = 2) -> nn.Module:
+    """Tiny Llama whose block inputs are correlated (low-rank embeddings) with very uneven feature scales."""
+    model = make_model("llama", layers=layers)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight  # (V, d)
+        low = torch.randn(emb.shape[0], 4, generator=g) @ torch.randn(4, emb.shape[1], generator=g)
+        emb.copy_(low + 0.1 * torch.randn(emb.shape, generator=g) + 0.5)
+        for layer in decoder_layers(model):
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.copy_(torch.exp(1.5 * torch.randn(norm.weight.shape, generator=g)))
+    return model
+
+
+def block_inputs(model, block_index: int, data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inputs ``(T, d_in)`` of every prunable layer of one block, from a plain forward of ``data``."""
+    block = decoder_layers(model)[block_index]
+    inside = {id(m) for m in block.modules()}
+    seen, handles = {}, []
+    for name, m in prunable_modules(model).items():
+        if id(m) in inside:
+            def hook(mod, args, out, name=name):
+                seen.setdefault(name, args[0].detach().reshape(-1, args[0].shape[-1]))
+
+            handles.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids=data)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+# ---------------------------------------------------------------- exact sparsity and N:M
+
+
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_exact_layer_sparsity(family, method):
+    model = make_model(family)
+    report = prune(model, method, 0.5, calibration_data=calib(), progress=False)
+    for row in report.modules:
+        assert row.zeros == round(0.5 * row.numel), row.name
+    assert report.sparsity == 0.5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_wanda_exact_per_row(family):
+    model = make_model(family)
+    prune(model, "wanda", 0.5, calibration_data=calib(), progress=False)
+    for name, w in weights(model).items():
+        assert ((w == 0).sum(1) == w.shape[1] // 2).all(), name
+
+
+def test_uneven_budget_is_spread_over_rows():
+    model = make_model("llama")
+    report = prune(model, "wanda", 0.3, calibration_data=calib(), progress=False)
+    for name, w in weights(model).items():
+        zeros = (w == 0).sum(1)  # (d_out,)
+        assert int(zeros.max() - zeros.min()) <= 1, name
+        assert int(zeros.sum()) == round(0.3 * w.numel())
+    assert abs(report.sparsity - 0.3) < 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_valid(family, method, pattern):
+    model = make_model(family)
+    report = prune(model, method, None, pattern, calib(), progress=False)
+    n, m = (int(v) for v in pattern.split(":"))
+    assert report.nm_valid
+    for name, w in weights(model).items():
+        per_group = (w != 0).reshape(w.shape[0], -1, m).sum(-1)
+        assert (per_group == n).all(), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_bf16(method):
+    model = make_model("qwen2", dtype=torch.bfloat16)
+    report = prune(model, method, None, "2:4", calib(), progress=False)
+    assert report.nm_valid and report.sparsity == 0.5
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_split_evenly_sums_exactly():
+    for total, sizes in [(7, [1, 1, 1]), (100, [3, 5, 9]), (0, [2, 2]), (13, [128, 128, 64])]:
+        parts = split_evenly(total, sizes)
+        assert sum(parts) == total and all(p >= 0 for p in parts)
+
+
+# ---------------------------------------------------------------- quality ordering
+
+
+def test_error_order_sparsegpt_wanda_magnitude():
+    data = calib(16, 16)
+    base = correlated_model()
+    dense = weights(base)
+    x = block_inputs(base, 0, data)  # the calibration inputs of block 0 (identical for every method)
+    hess = {n: xi.float().t() @ xi.float() for n, xi in x.items()}
+    errors = {}
+    for method in ["magnitude", "wanda", "sparsegpt"]:
+        model = correlated_model()
+        prune(model, method, 0.5, calibration_data=data, progress=False)
+        w = weights(model)
+        errors[method] = sum(reconstruction_error(dense[n], w[n], hess[n]) for n in hess)
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+# ---------------------------------------------------------------- DSnoT
+
+
+def _layer_case(seed=0, d_out=16, d_in=32, t=256):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, 4, generator=g) @ torch.randn(4, d_in, generator=g) + torch.randn(t, d_in, generator=g)
+    x = x * torch.exp(torch.randn(d_in, generator=g)) + 2 * torch.randn(d_in, generator=g)  # (t, d_in), non-zero mean
+    stats = InputStats(want_hessian=True, want_sum=True)
+    stats.add(x)
+    w = torch.randn(d_out, d_in, generator=g)
+    return w, stats
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+@pytest.mark.parametrize("objective", ["mse", "mean"])
+def test_dsnot_keeps_sparsity_and_lowers_error(nm, objective):
+    w, stats = _layer_case()
+    from sparse_peft.masks import nm_mask
+
+    keep = nm_mask(w, *nm) if nm else w.abs() >= w.abs().median(1, keepdim=True).values
+    pruned = w * keep
+    out = dsnot_layer(w, pruned, stats, nm, max_cycles=16, objective=objective)
+    assert torch.equal((out != 0).sum(1), (pruned != 0).sum(1))  # per-row count exact
+    if nm:
+        assert is_nm(out, *nm)
+    kept = out != 0
+    assert torch.equal(out[kept], w[kept])  # revived weights return to their dense values
+    eps = lambda v: ((w - v) * stats.mean).sum(1).abs().sum()  # expected error, summed over rows
+    before, after = reconstruction_error(w, pruned, stats.hessian), reconstruction_error(w, out, stats.hessian)
+    if objective == "mse":
+        assert after < before
+    else:
+        assert eps(out) < eps(pruned)
+    assert not torch.equal(out, pruned)
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_repair_model_keeps_rows_and_lowers_error(pattern):
+    data = calib(16, 16)
+    model = correlated_model()
+    dense = dense_snapshot(model)
+    x = block_inputs(model, 0, data)
+    prune(model, "magnitude", None if pattern else 0.5, pattern, progress=False)
+    before_w = weights(model)
+    report = repair(model, data, dense, pattern, progress=False)
+    after_w = weights(model)
+    for name in after_w:
+        assert torch.equal((after_w[name] == 0).sum(1), (before_w[name] == 0).sum(1)), name
+    assert pattern is None or report.nm_valid
+    err = lambda w: sum(reconstruction_error(dense[n], w[n], x[n].t() @ x[n]) for n in x)
+    assert err(after_w) < err(before_w)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_prune_with_inline_repair(method):
+    model = make_model("llama")
+    report = prune(model, method, None, "2:4", calib(), repair=True, progress=False)
+    assert report.nm_valid and report.sparsity == 0.5
+
+
+# ---------------------------------------------------------------- sequential calibration
+
+
+def test_block_k_sees_pruned_outputs_of_block_k_minus_1():
+    data = calib(4, 16)
+    model = make_model("llama")
+    q1 = decoder_layers(model)[1].self_attn.q_proj
+    dense_input = block_inputs(model, 1, data)[next(n for n in prunable_modules(model) if "layers.1.self_attn.q" in n)]
+    seen = []
+    handle = q1.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().clone()) and None)
+    prune(model, "wanda", 0.5, calibration_data=data, batch_size=4, progress=False)
+    handle.remove()
+    during = seen[0].reshape(-1, seen[0].shape[-1])  # first call = block 1's statistics pass
+    after = block_inputs(model, 1, data)[next(n for n in prunable_modules(model) if "layers.1.self_attn.q" in n)]
+    torch.testing.assert_close(during, after)  # block 0 was already pruned when block 1 was calibrated
+    assert not torch.allclose(during, dense_input, atol=1e-4)
+
+
+# ---------------------------------------------------------------- OWL
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_owl_global_sparsity_exact(sparsity):
+    model = correlated_model(layers=4)
+    total = sum(w.numel() for w in weights(model).values())
+    report = prune(model, "wanda", sparsity, calibration_data=calib(), allocation="owl", owl_threshold=2.0,
+                   owl_lambda=0.1, progress=False)
+    assert report.zeros == round(sparsity * total)
+    per_block = {}
+    for row in report.modules:
+        block = row.name.split(".layers.")[1].split(".")[0]
+        per_block.setdefault(block, []).append(row.sparsity)
+    means = [sum(v) / len(v) for v in per_block.values()]
+    assert max(means) - min(means) > 0.01  # the allocation is not uniform
+
+
+def test_owl_block_sparsities_keep_weighted_mean():
+    s = owl_block_sparsities([0.01, 0.05, 0.02, 0.03], [10, 10, 20, 10], 0.6, lam=0.08)
+    assert abs(sum(v * n for v, n in zip(s, [10, 10, 20, 10])) / 50 - 0.6) < 1e-9
+    assert s[1] == min(s)  # most outliers -> lowest sparsity
+
+
+# ---------------------------------------------------------------- masks as data
+
+
+def test_masks_roundtrip_and_lora_star(tmp_path):
+    model = make_model("gpt2")
+    dense = dense_snapshot(model)
+    prune(model, "wanda", None, "2:4", calib(), progress=False)
+    masks = get_masks(model)
+    save_masks(masks, tmp_path / "masks.safetensors")
+    loaded = load_masks(tmp_path / "masks.safetensors")
+    assert masks.keys() == loaded.keys() and all(torch.equal(masks[k], loaded[k]) for k in masks)
+    with torch.no_grad():  # "merged dense LoRA": every weight moves, zeros included
+        for name, m in prunable_modules(model).items():
+            linear_weight(m).copy_(dense[name] + 0.01)
+    assert sparsity_report(model).sparsity == 0
+    report = apply_masks(model, loaded, nm_pattern="2:4")
+    assert report.nm_valid and report.sparsity == 0.5
+    assert all(torch.equal(get_masks(model)[k], masks[k]) for k in masks)
+
+
+def test_apply_masks_rejects_mismatch():
+    model = make_model("llama")
+    masks = get_masks(model)
+    name = next(iter(masks))
+    with pytest.raises(ValueError, match="missing"):
+        apply_masks(model, {k: v for k, v in masks.items() if k != name})
+    with pytest.raises(ValueError, match="shape"):
+        apply_masks(model, {**masks, name: masks[name][:, :-1]})
+
+
+# ---------------------------------------------------------------- calibration helpers
+
+
+class _Tok:
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + (ord(c) % 100) for c in text]}
+
+
+def test_calibration_helpers():
+    texts = ["hello world " * 5, "sparse models " * 7]
+    ids = calibration_from_texts(_Tok(), texts, nsamples=6, seq_len=10)
+    assert ids.shape == (6, 10) and ids.dtype == torch.long
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"body": texts})
+    assert calibration_from_dataset(ds, _Tok(), "body", nsamples=3, seq_len=10).shape == (3, 10)
+    with pytest.raises(ValueError, match="text_column"):
+        calibration_from_dataset(ds, _Tok(), "text")
+    with pytest.raises(ValueError, match="seq_len"):
+        calibration_from_texts(_Tok(), ["ab"], nsamples=2, seq_len=10)
+
+
+def test_iterable_calibration_batches():
+    model = make_model("mistral")
+    report = prune(model, "sparsegpt", 0.5, calibration_data=[calib(4), calib(4, seed=1)], progress=False)
+    assert report.sparsity == 0.5
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+def test_bad_sparsity(sparsity):
+    with pytest.raises(ValueError, match=r"sparsity=.*\[0, 1\)"):
+        prune(make_model("llama"), "magnitude", sparsity)
+
+
+@pytest.mark.parametrize("pattern", ["4:4", "5:4", "0:4", "2-4"])
+def test_bad_pattern(pattern):
+    with pytest.raises(ValueError, match="pattern"):
+        prune(make_model("llama"), "magnitude", None, pattern)
+
+
+def test_pattern_must_divide_input_dim():
+    with pytest.raises(ValueError, match="divisible by M=3"):
+        prune(make_model("llama"), "magnitude", None, "2:3")
+
+
+def test_other_bad_arguments():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="method="):
+        prune(model, "random", 0.5)
+    with pytest.raises(ValueError, match="calibration_data"):
+        prune(model, "wanda", 0.5)
+    with pytest.raises(ValueError, match="disagrees"):
+        prune(model, "wanda", 0.3, "2:4", calib())
+    with pytest.raises(ValueError, match="allocation"):
+        prune(model, "wanda", None, "2:4", calib(), allocation="owl")
+    with pytest.raises(ValueError, match="decoder blocks"):
+        prune(make_model("bert"), "wanda", 0.5, calibration_data=calib())
+    assert sparsity_report(model).sparsity == 0  # nothing was pruned by the failed calls
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_cuda_block_offload(method):
+    model = make_model("llama")
+    report = prune(model, method, None, "2:4", calib(), device="cuda", progress=False)
+    assert report.nm_valid and next(model.parameters()).device.type == "cpu"
+
+
+# ---------------------------------------------------------------- SparseGPT against the reference loop
+
+
+def _sparsegpt_reference(w, h, sparsity, nm, blocksize=128, percdamp=0.01):
+    """The column-by-column loop of the SparseGPT paper's code (per-block threshold, no exact count)."""
+    from sparse_peft.pruning.sparsegpt import _inverse_hessian_factor
+
+    W, H = w.clone(), h.clone()
+    hinv = _inverse_hessian_factor(H, percdamp)
+    for i1 in range(0, W.shape[1], blocksize):
+        i2 = min(i1 + blocksize, W.shape[1])
+        W1, Hinv1 = W[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:
+            tmp = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+            k = round(tmp.numel() * sparsity)
+            mask1.view(-1)[torch.topk(tmp.reshape(-1), k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            w_col, d = W1[:, i], Hinv1[i, i]
+            if nm is not None and i % nm[1] == 0:
+                tmp = W1[:, i : i + nm[1]] ** 2 / torch.diag(Hinv1)[i : i + nm[1]].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, nm[1] - nm[0], dim=1, largest=False)[1], True)
+            q = w_col.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w_col - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(hinv[i1:i2, i2:])
+    return W
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_matches_reference_loop(nm):
+    from sparse_peft.pruning.sparsegpt import sparsegpt_prune
+
+    w, stats = _layer_case(seed=5, d_out=24, d_in=64, t=512)
+    h = stats.hessian
+    ours = sparsegpt_prune(w, h, count=round(0.5 * w.numel()), nm=nm, blocksize=32)
+    ref = _sparsegpt_reference(w, h, 0.5, nm, blocksize=32)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_dsnot_prefix_error_matches_direct_sum():
+    from sparse_peft.pruning.dsnot import _prefix_mse
+
+    w, stats = _layer_case(d_out=5, d_in=32)
+    g = torch.Generator().manual_seed(0)
+    delta = w * (torch.rand(w.shape, generator=g) > 0.5)
+    gi = torch.stack([torch.randperm(32, generator=g)[:6] for _ in range(5)])
+    pi = torch.stack([torch.randperm(32, generator=g)[:6] for _ in range(5)])
+    cg, cp = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    fast = _prefix_mse(delta, stats.hessian, gi, pi, cg, cp)  # (5, 7)
+    for t in range(7):
+        d = delta.clone()
+        for r in range(5):
+            for i in range(t):
+                d[r, gi[r, i]] += cg[r, i]
+                d[r, pi[r, i]] += cp[r, i]
+        torch.testing.assert_close(fast[:, t], ((d @ stats.hessian) * d).sum(1), rtol=1e-4, atol=1e-3)
