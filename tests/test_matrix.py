@@ -24,8 +24,19 @@ def _sparse_lora(family, **kw):
     return sparse_peft.SparseLoraConfig(r=4, lora_alpha=8, init_weights=False, task_type=task_type(family), **kw)
 
 
+def _s2ft(family, **kw):
+    return sparse_peft.S2FTConfig(heads_ratio=0.25, channels_ratio=0.1, init_weights=False,
+                                  task_type=task_type(family), **kw)
+
+
+def _spiel(family, **kw):
+    return sparse_peft.SpielConfig(r=4, init_weights=False, task_type=task_type(family), **kw)
+
+
 TUNERS = {
     "sparse_lora": dict(make=_sparse_lora, invariant="positions"),
+    "s2ft": dict(make=_s2ft, invariant="positions"),
+    "spiel": dict(make=_spiel, invariant="count"),
 }
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -179,7 +190,8 @@ def test_autopeft_and_transformers_load_adapter(tuner, tmp_path):
 def test_disable_adapter_and_unload(tuner, family, dtype):
     model, _, base_out = _build(tuner, family, dtype)
     tol = _tol(DTYPES[dtype])
-    assert not torch.allclose(_logits(model, family), base_out, **tol), "init_weights=False should change outputs"
+    # init_weights=False must change outputs; tiny models have tiny logits, so compare with a fixed small bound
+    assert (_logits(model, family) - base_out).abs().max() > 1e-4, "init_weights=False should change outputs"
     with model.disable_adapter():
         torch.testing.assert_close(_logits(model, family), base_out, **tol)
     unloaded = model.unload()

@@ -12,16 +12,28 @@ from __future__ import annotations
 from ._registry import SparsePeftType, register
 from .pruning.report import SparsityReport, sparsity_report
 from .tuners.sparse_lora import SparseLoraConfig, SparseLoraModel, set_sparse_lora_masks
+from .tuners.spiel import SpielConfig, SpielModel, fuse_spiel_adapters, spiel_step
+from .tuners.s2ft import S2FTConfig, S2FTModel, s2ft_fuse_adapters, s2ft_select
 
 __version__ = "0.1.0"
 
 register(SparsePeftType.SPARSE_LORA, SparseLoraConfig, SparseLoraModel)
+register(SparsePeftType.SPIEL, SpielConfig, SpielModel)
+register(SparsePeftType.S2FT, S2FTConfig, S2FTModel)
 
 __all__ = [
+    "S2FTConfig",
+    "S2FTModel",
+    "s2ft_fuse_adapters",
+    "s2ft_select",
     "SparseLoraConfig",
     "SparseLoraModel",
     "SparsePeftType",
     "SparsityReport",
+    "SpielConfig",
+    "SpielModel",
+    "fuse_spiel_adapters",
+    "spiel_step",
     "set_sparse_lora_masks",
     "sparsity_report",
 ]

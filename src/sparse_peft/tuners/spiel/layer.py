@@ -1,0 +1,525 @@
+"""SpIEL layers: ``y = x (W + scatter(values at indices))^T + b`` with a value gradient gathered at the indices.
+
+:class:`SpielLinearFn` builds the effective weight transiently in forward (it is not saved), rebuilds it in backward
+for ``grad_x`` and computes ``grad_values`` as the SDDMM of ``grad_output`` and ``input`` at the indices
+(:func:`sparse_peft.ops.gather_weight_grad`). No weight-sized tensor outlives a pass, except the |gradient|
+accumulator of ``selection="ag"`` during the accumulation window before a reselection.
+
+SEFT mode (``preserve_sparsity``): a slot on a pruned base position whose merged value is non-zero ("revived")
+prunes its *partner*, an active base weight of the same group chosen by lowest sensitivity ``|θ·∇θ|`` at the last
+reselection (see :mod:`.regrowth`). So every adapter, applied to any weight, keeps that weight's number of non-zeros
+per group (per module, or per N:M group) exactly. Forward, backward and merge use one function to build the weight,
+so what merge writes is what the model computed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from transformers.pytorch_utils import Conv1D
+
+from ... import ops as _ops
+from ..._registry import BufferDict
+from ...masks import parse_nm, zero_fingerprint
+from . import regrowth
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+INIT_STD = 0.1  # init_weights=False: values ~ N(0, INIT_STD^2)
+_NM_GROUPS = (4, 8, 16)  # M of the N:M patterns detected on SEFT bases (N <= M/2)
+
+_BLOCK_ELEMS = 1 << 22  # CPU fallback: at most 16 MB of fp32 dense gradient at a time
+
+
+def _gather_weight_grad_cpu(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The SDDMM of :func:`sparse_peft.ops.gather_weight_grad` on CPU, through torch's ``sparse.sampled_addmm``.
+
+    Same function as the op, ``(grad_output^T @ input).flatten()[indices]`` in fp32, and no dense gradient at all. On
+    CPU it is much faster than the op's reference (gather-multiply-sum) and faster than a dense matmul + gather.
+    """
+    d_out, d_in = grad_output.shape[-1], input.shape[-1]
+    g = grad_output.reshape(-1, d_out).float()  # (T, d_out)
+    x = input.reshape(-1, d_in).float()  # (T, d_in)
+    idx = indices.long()
+    order = torch.argsort(idx)
+    sidx = idx[order]  # (k,) row-major order, as CSR wants
+    crow = torch.zeros(d_out + 1, dtype=torch.long)
+    crow[1:] = torch.bincount(sidx // d_in, minlength=d_out).cumsum(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            pattern = torch.sparse_csr_tensor(crow, sidx % d_in, torch.zeros(idx.numel()), size=(d_out, d_in),
+                                              check_invariants=False)
+            vals = torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x, beta=0.0).values()  # (k,)
+    except (RuntimeError, NotImplementedError):
+        return _gather_weight_grad_blocked(g, x, idx)
+    out = torch.empty_like(vals)
+    out[order] = vals
+    return out
+
+
+def _gather_weight_grad_blocked(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Fallback: a BLAS matmul over blocks of output rows, then a gather. ``g (T, d_out)``, ``x (T, d_in)``."""
+    d_out, d_in = g.shape[1], x.shape[1]
+    rows = max(1, _BLOCK_ELEMS // d_in)
+    if rows >= d_out:
+        return (g.t() @ x).view(-1)[idx]  # (k,)
+    order = torch.argsort(idx)
+    sidx = idx[order]  # (k,) sorted: each row block is a contiguous run
+    starts = torch.arange(0, d_out + rows, rows, device=idx.device) * d_in
+    bounds = torch.searchsorted(sidx, starts).tolist()
+    out = torch.empty(idx.numel(), dtype=torch.float32, device=g.device)
+    for b, r0 in enumerate(range(0, d_out, rows)):
+        s, e = bounds[b], bounds[b + 1]
+        if s < e:
+            block = g[:, r0 : r0 + rows].t() @ x  # (B, d_in) transient
+            out[order[s:e]] = block.view(-1)[sidx[s:e] - r0 * d_in]
+    return out
+
+
+# The two ops SpIEL needs, in one place. The value gradient goes through sparse_peft.ops (CUDA kernel) except on
+# CPU, where torch's sampled_addmm above is ~10x faster than the op's reference; when the op gets a fast CPU path,
+# make _gather_weight_grad = _ops.gather_weight_grad.
+def _gather_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    if grad_output.device.type == "cpu":
+        return _gather_weight_grad_cpu(grad_output, input, indices)
+    return _ops.gather_weight_grad(grad_output, input, indices)  # (k,) fp32
+
+
+_scatter_add_ = _ops.scatter_add_delta_  # in place: weight.flat[idx] += alpha * values (fp32 sum, rounded once)
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 when every flat index of a weight with ``numel`` entries fits, else int64."""
+    return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
+
+
+def detect_group_size(weight: torch.Tensor) -> int:
+    """SEFT group of a ``(d_out, d_in)`` base: M of a detected N:M pattern (N <= M/2), else the whole module."""
+    d_out, d_in = weight.shape
+    nonzero = weight != 0
+    for m in _NM_GROUPS:
+        if d_in % m == 0 and int(nonzero.reshape(d_out, d_in // m, m).sum(-1).max()) <= m // 2:
+            return m
+    return weight.numel()
+
+
+class SpielLinearFn(torch.autograd.Function):
+    """``F.linear(x, W_eff, bias)`` with ``W_eff`` built by ``layer`` from the active adapters' values.
+
+    Saved for backward: ``x``, the values (parameters, no copy) and the SEFT kill positions (a few ints). The
+    effective weight is rebuilt in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, adapters, *values):
+        w_eff, kills = layer._build_weight(adapters, values)  # storage layout, transient
+        out = F.linear(x, layer._as_linear(w_eff).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(x, *values)
+        ctx.layer, ctx.adapters, ctx.kills = layer, adapters, kills
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *values = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w_eff, _ = layer._build_weight(ctx.adapters, values, kills=ctx.kills)
+            grad_x = grad_out @ layer._as_linear(w_eff).to(grad_out.dtype)  # (..., d_in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        grads = layer._value_grads(grad_out, x, ctx.adapters, values, ctx.kills, ctx.needs_input_grad[5:])
+        return (grad_x, None, grad_bias, None, None, *grads)
+
+
+class SpielLayer(BaseTunerLayer):
+    """Adapter state of SpIEL: ``values`` (trainable), flat ``indices``, and in SEFT mode ``partners``."""
+
+    adapter_layer_names = ("spiel_values",)
+    other_param_names = (
+        "spiel_indices", "spiel_partners", "spiel_fingerprint", "spiel_k", "spiel_group", "spiel_selection",
+        "_spiel_collect", "_spiel_ag", "_spiel_ma", "_spiel_ma_step",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.spiel_values = nn.ParameterDict({})
+        # Flat indices (nn.Linear layout) of the values; unique within an adapter. Saved.
+        self.spiel_indices = BufferDict({}, persistent=True)
+        # SEFT only: for each slot on a pruned base position, the active base position it prunes (-1: none). Saved.
+        self.spiel_partners = BufferDict({}, persistent=True)
+        # SEFT only: sha256 of the base's zero pattern when the adapter was created; checked on load.
+        self.spiel_fingerprint = BufferDict({}, persistent=True)
+        self.spiel_k: dict[str, int] = {}
+        self.spiel_group: dict[str, int] = {}  # SEFT group size (M, or numel for the whole module)
+        self.spiel_selection: dict[str, str] = {}
+        # Transient training statistics (never saved).
+        self._spiel_collect: dict[str, bool] = {}  # AG: accumulate |grad W| in the next backward passes
+        self._spiel_ag: dict[str, torch.Tensor] = {}  # AG: (d_out, d_in) fp32, only inside a window
+        self._spiel_ma: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # MA: EMA rows (d_out,), cols (d_in,)
+        self._spiel_ma_step: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # MA: sums of this optimizer step
+        self._spiel_merge_saved: list[tuple] = []  # base values overwritten by merge, for an exact unmerge
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if isinstance(base, Conv1D):
+            d_in, d_out = base.weight.shape
+        elif isinstance(base, nn.Linear):
+            d_out, d_in = base.weight.shape
+        else:
+            raise TypeError(f"SpIEL supports nn.Linear and transformers Conv1D, got {type(base).__name__}.")
+        self.in_features, self.out_features = d_in, d_out
+
+    # ---- layouts ---------------------------------------------------------------------------------------------
+    @property
+    def _fan_in_fan_out(self) -> bool:
+        return isinstance(self.get_base_layer(), Conv1D)
+
+    def _linear_weight(self) -> torch.Tensor:
+        """The base weight as ``nn.Linear`` stores it, ``(d_out, d_in)`` (a view for Conv1D)."""
+        w = self.get_base_layer().weight
+        return w.t() if self._fan_in_fan_out else w
+
+    def _as_linear(self, w_storage: torch.Tensor) -> torch.Tensor:
+        return w_storage.t() if self._fan_in_fan_out else w_storage
+
+    def _to_storage(self, idx: torch.Tensor) -> torch.Tensor:
+        """Flat ``nn.Linear``-layout indices -> flat indices into the stored weight (they differ for Conv1D)."""
+        if not self._fan_in_fan_out:
+            return idx
+        return (idx % self.in_features) * self.out_features + idx // self.in_features
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def _seft(self, adapter: str) -> bool:
+        return adapter in self.spiel_partners
+
+    # ---- adapter creation ----------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, k: int, init_weights: bool, preserve_sparsity: bool = False,
+                     nm_pattern: Optional[str] = None, values_dtype: str = "float32", selection: str = "ag",
+                     **kwargs: Any) -> None:
+        d_out, d_in = self.weight_shape
+        numel = d_out * d_in
+        weight = self._linear_weight().detach()  # (d_out, d_in)
+        device = weight.device
+        if k > numel:
+            raise ValueError(
+                f"SpIEL budget k={k} exceeds the {d_out}x{d_in}={numel} weights of a target layer; lower r/density/"
+                "num_deltas or exclude the layer with exclude_modules."
+            )
+        self.spiel_k[adapter_name] = k
+        self.spiel_selection[adapter_name] = selection
+        dtype = getattr(torch, values_dtype)
+        values = torch.zeros(k, dtype=dtype, device=device)
+        if not init_weights:
+            values.normal_(0.0, INIT_STD)
+        self.spiel_values[adapter_name] = nn.Parameter(values)
+        idt = index_dtype(numel)
+        if device.type == "meta":
+            self.spiel_indices[adapter_name] = torch.empty(k, dtype=idt, device=device)
+        elif preserve_sparsity:
+            self._init_seft(adapter_name, k, weight, nm_pattern, idt)
+        else:
+            idx = regrowth.grow(regrowth.random_scores(numel), k, active=torch.empty(0, dtype=torch.long))
+            self.spiel_indices[adapter_name] = idx.sort().values.to(device=device, dtype=idt)
+        self._spiel_collect[adapter_name] = False
+        self.set_adapter(self.active_adapters)
+
+    def _init_seft(self, adapter_name: str, k: int, weight: torch.Tensor, nm_pattern: Optional[str], idt) -> None:
+        d_out, d_in = weight.shape
+        nonzero = (weight != 0).reshape(-1)  # (numel,)
+        nnz = int(nonzero.sum())
+        if k > nnz:
+            raise ValueError(
+                f"SpIEL budget k={k} exceeds the {nnz} non-zeros of a {d_out}x{d_in} target layer; with "
+                "preserve_sparsity a module holds at most as many deltas as it has non-zeros. Lower r/density/"
+                "num_deltas, exclude the layer, or set preserve_sparsity=False."
+            )
+        if nm_pattern is not None:
+            _, m = parse_nm(nm_pattern, field="SpielConfig.nm_pattern")
+            if d_in % m:
+                raise ValueError(f"SpielConfig.nm_pattern={nm_pattern!r} needs d_in divisible by {m}; a target has "
+                                 f"d_in={d_in}. Exclude it with exclude_modules.")
+            group = m
+        else:
+            group = detect_group_size(weight)
+        self.spiel_group[adapter_name] = group
+        cap = regrowth.group_capacity(nonzero.cpu(), torch.empty(0, dtype=torch.long), group)
+        idx = regrowth.grow(regrowth.random_scores(weight.numel()), k, active=torch.empty(0, dtype=torch.long),
+                            capacity=cap, group_size=group).sort().values
+        partners = regrowth.assign_partners(nonzero.cpu(), idx, weight.abs().reshape(-1).cpu(), group)
+        device = weight.device
+        self.spiel_indices[adapter_name] = idx.to(device=device, dtype=idt)
+        self.spiel_partners[adapter_name] = partners.to(device=device, dtype=idt)
+        self.spiel_fingerprint[adapter_name] = zero_fingerprint(weight).to(device)
+
+    # ---- the effective weight ----------------------------------------------------------------------------------
+    def _build_weight(self, adapters: Sequence[str], values: Sequence[torch.Tensor],
+                      kills: Optional[list[torch.Tensor]] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``W`` plus every adapter's delta (and SEFT kills), in the weight's storage layout. Out of place.
+
+        With ``kills=None`` the SEFT kill positions are computed (and returned); otherwise the given ones are used.
+        """
+        w = self.get_base_layer().weight.detach()
+        flat = w.reshape(-1).clone()  # (numel,) transient, contiguous
+        out = []
+        for i, a in enumerate(adapters):
+            given = None if kills is None else kills[i]
+            out.append(self._apply_adapter(flat, a, values[i], given))
+        return flat.view(w.shape), out
+
+    def _apply_adapter(self, flat: torch.Tensor, adapter: str, values: torch.Tensor,
+                       kill: Optional[torch.Tensor] = None, saved: Optional[list] = None) -> torch.Tensor:
+        """``flat[idx] += values`` in place, then zero the SEFT kills; returns the kills (storage layout).
+
+        ``saved`` (a list) receives the values at the kill positions before they were zeroed (for unmerge). Kills
+        are never the adapter's own indices, so the scatter does not touch them.
+        """
+        idx_s = self._to_storage(self.spiel_indices[adapter])
+        if kill is not None or not self._seft(adapter):
+            _scatter_add_(flat, idx_s, values.detach(), 1.0)
+            kill = flat.new_empty(0, dtype=torch.long) if kill is None else kill
+        else:
+            old = flat[idx_s]  # (k,)
+            _scatter_add_(flat, idx_s, values.detach(), 1.0)
+            kill = self._seft_kills(adapter, flat, old, flat[idx_s])
+        if saved is not None:
+            saved.append(flat[kill].clone())
+        if kill.numel():
+            flat[kill] = 0
+        return kill
+
+    def _seft_kills(self, adapter: str, flat: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Positions (storage layout) to zero so that each group keeps the non-zero count it had before the adapter."""
+        gained = (old == 0) & (new != 0)  # revived slots
+        lost = (old != 0) & (new == 0)  # slots whose delta cancels the weight
+        partners = self.spiel_partners[adapter][gained].long()  # (R,) linear layout, -1 = none
+        if not bool(lost.any()) and bool((partners >= 0).all()):
+            partners = self._to_storage(partners)
+            if bool((flat[partners] != 0).all()):
+                return partners  # the usual case: each revived slot prunes its own partner
+        return self._seft_kills_general(adapter, flat, old, new)
+
+    def _seft_kills_general(self, adapter: str, flat: torch.Tensor, old: torch.Tensor, new: torch.Tensor):
+        """Kills when partners are missing or dead (stacked/fused adapters): partners first, then lowest |w|."""
+        group = self.spiel_group[adapter]
+        numel = flat.numel()
+        n_groups = numel // group
+        idx = self.spiel_indices[adapter].long()  # linear layout
+        excess = torch.zeros(n_groups, dtype=torch.long, device=flat.device)
+        excess.index_add_(0, idx // group, (new != 0).long() - (old != 0).long())  # (n_groups,)
+        lin = self._as_linear(flat.view(self.get_base_layer().weight.shape)).reshape(-1)  # (numel,) linear layout
+        gained = (old == 0) & (new != 0)
+        p = self.spiel_partners[adapter][gained].long()
+        p = p[p >= 0]
+        p = torch.unique(p[lin[p] != 0]) if p.numel() else p
+        if p.numel():
+            keep = regrowth._rank_in_group(p // group) < excess[p // group].clamp(min=0)
+            p = p[keep]
+            excess -= torch.bincount(p // group, minlength=n_groups)
+        picks = [p]
+        if bool((excess > 0).any()):
+            mag = lin.abs().float()  # (numel,)
+            mag[mag == 0] = math.inf
+            mag[idx] = math.inf
+            mag[p] = math.inf
+            need = excess.clamp(min=0)
+            if n_groups == 1:
+                picks.append(torch.topk(mag, int(need[0]), largest=False).indices)
+            else:
+                order = torch.sort(mag.view(n_groups, group), dim=1, stable=True).indices  # (n_groups, G)
+                take = torch.arange(group, device=flat.device)[None, :] < need[:, None]
+                base = torch.arange(n_groups, device=flat.device)[:, None] * group
+                picks.append((base + order)[take])
+        return self._to_storage(torch.cat(picks))
+
+    # ---- gradients and statistics ------------------------------------------------------------------------------
+    def _value_grads(self, grad_out, x, adapters, values, kills, needs) -> list[Optional[torch.Tensor]]:
+        d_out, d_in = self.weight_shape
+        grads = []
+        dense = None
+        for i, a in enumerate(adapters):
+            if not needs[i]:
+                grads.append(None)
+                continue
+            idx = self.spiel_indices[a]
+            if self._spiel_collect.get(a) and self.spiel_selection.get(a) == "ag":
+                if dense is None:  # the window before a reselection: the full weight gradient, once
+                    g2 = grad_out.reshape(-1, d_out).float()  # (T, d_out)
+                    dense = g2.t() @ x.reshape(-1, d_in).float()  # (d_out, d_in) transient
+                acc = self._spiel_ag.get(a)
+                self._spiel_ag[a] = dense.abs() if acc is None else acc.add_(dense.abs())
+                gv = dense.reshape(-1)[idx.long()]  # (k,)
+            else:
+                gv = _gather_weight_grad(grad_out, x, idx)  # (k,) fp32 SDDMM
+            if self.spiel_selection.get(a) == "ma":
+                self._accumulate_ma(a, grad_out, x)
+            later = [kl for kl in kills[i + 1:] if kl.numel()]
+            if later:  # a later adapter pruned some of this adapter's positions: no gradient there
+                gv = gv.masked_fill(torch.isin(self._to_storage(idx.long()), torch.cat(later)), 0.0)
+            grads.append(gv.to(values[i].dtype))
+        return grads
+
+    def _accumulate_ma(self, adapter: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+        """MA: per-step sums of squared output gradients (rows) and squared inputs (columns)."""
+        rows = grad_out.reshape(-1, self.out_features).float().pow(2).sum(0)  # (d_out,)
+        cols = x.reshape(-1, self.in_features).float().pow(2).sum(0)  # (d_in,)
+        prev = self._spiel_ma_step.get(adapter)
+        self._spiel_ma_step[adapter] = (rows, cols) if prev is None else (prev[0] + rows, prev[1] + cols)
+
+    def _ma_update(self, adapter: str, beta2: float) -> None:
+        """Fold this step's sums into the row/column EMAs (called once per optimizer step)."""
+        step = self._spiel_ma_step.pop(adapter, None)
+        if step is None:
+            return
+        ema = self._spiel_ma.get(adapter)
+        if ema is None:
+            self._spiel_ma[adapter] = ((1 - beta2) * step[0], (1 - beta2) * step[1])
+        else:
+            ema[0].mul_(beta2).add_(step[0], alpha=1 - beta2)
+            ema[1].mul_(beta2).add_(step[1], alpha=1 - beta2)
+
+    # ---- drop and grow ---------------------------------------------------------------------------------------
+    def _scores(self, adapter: str, sync) -> Optional[torch.Tensor]:
+        """Growth scores over all positions, ``(numel,)`` fp32 (transient), or None without statistics."""
+        if self.spiel_selection[adapter] == "ag":
+            acc = self._spiel_ag.pop(adapter, None)
+            if acc is None:
+                acc = torch.zeros(self.weight_shape, device=self.spiel_values[adapter].device)
+                if sync is None:
+                    return None
+            if sync is not None:
+                sync.all_reduce(acc)
+            return acc.reshape(-1)
+        ema = self._spiel_ma.get(adapter)
+        if ema is None:
+            if sync is None:
+                return None
+            dev = self.spiel_values[adapter].device
+            ema = (torch.zeros(self.out_features, device=dev), torch.zeros(self.in_features, device=dev))
+        rows, cols = ema[0].clone(), ema[1].clone()
+        if sync is not None:
+            sync.all_reduce(rows)
+            sync.all_reduce(cols)
+        return torch.outer(rows, cols).reshape(-1)  # (numel,) rank-1 bound of the squared gradient
+
+    @torch.no_grad()
+    def spiel_reselect(self, adapter: str, n: int, sync=None) -> torch.Tensor:
+        """Drop the ``n`` smallest ``|values|`` of ``adapter`` and grow ``n`` new indices; returns the changed slots.
+
+        Values and indices are rewritten in place (same Parameter object); new values are 0. In SEFT mode the
+        partners of all revived slots are re-chosen by sensitivity. ``sync`` (a process-group helper) makes the
+        decision identical on every rank: statistics are summed, and rank 0's indices are broadcast.
+        """
+        values, indices = self.spiel_values[adapter], self.spiel_indices[adapter]
+        scores = self._scores(adapter, sync)
+        if scores is None or n <= 0 or self.merged:
+            return torch.empty(0, dtype=torch.long, device=values.device)
+        slots = regrowth.drop_slots(values, n)  # (n,)
+        old = indices.long()
+        dropped = old[slots]
+        keep = torch.ones_like(old, dtype=torch.bool)
+        keep[slots] = False
+        cap = group = None
+        seft = self._seft(adapter)
+        if seft:
+            group = self.spiel_group[adapter]
+            nonzero = (self._linear_weight() != 0).reshape(-1)  # (numel,)
+            cap = regrowth.group_capacity(nonzero, old[keep], group)
+        new = regrowth.grow(scores, n, active=old[keep], dropped=dropped, capacity=cap, group_size=group)
+        indices[slots] = new.to(indices.dtype)
+        values.data[slots] = 0
+        if seft:
+            sens = self._linear_weight().detach().abs().float().reshape(-1) * scores  # |θ·∇θ| estimate
+            self.spiel_partners[adapter].copy_(regrowth.assign_partners(nonzero, indices, sens, group))
+        if sync is not None:
+            sync.broadcast(indices)
+            if seft:
+                sync.broadcast(self.spiel_partners[adapter])
+            slots = (indices.long() != old).nonzero().squeeze(1)
+            values.data[slots] = 0
+        return slots
+
+    # ---- peft behaviours ---------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense delta ``W_eff - W`` of one adapter in fp32, ``(d_out, d_in)`` (SEFT kills included)."""
+        w = self.get_base_layer().weight.detach()
+        flat = w.reshape(-1).float().clone()
+        self._apply_adapter(flat, adapter_name, self.spiel_values[adapter_name])
+        return self._as_linear((flat - w.reshape(-1).float()).view(w.shape))
+
+
+class Linear(nn.Module, SpielLayer):
+    """SpIEL around an ``nn.Linear`` or a transformers ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, k: int, init_weights: bool = True,
+                 preserve_sparsity: bool = False, nm_pattern: Optional[str] = None, values_dtype: str = "float32",
+                 selection: str = "ag", **kwargs) -> None:
+        super().__init__()
+        SpielLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, k, init_weights, preserve_sparsity, nm_pattern, values_dtype, selection)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Scatter the values into ``W`` (and zero the SEFT kills). Saves the k overwritten base values."""
+        w = self.get_base_layer().weight
+        if not w.is_contiguous():
+            raise RuntimeError("SpIEL merge needs a contiguous base weight.")
+        flat = w.data.view(-1)
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.spiel_values:
+                continue
+            idx_s = self._to_storage(self.spiel_indices[name]).long()
+            old = flat[idx_s].clone()
+            saved: list = []
+            kill = self._apply_adapter(flat, name, self.spiel_values[name], saved=saved)
+            kill_old = saved[0]
+            if safe_merge and not torch.isfinite(flat[idx_s]).all():
+                self._restore(flat, idx_s, old, kill, kill_old)
+                raise ValueError(f"NaNs or infs detected while merging adapter {name!r}; the model is unchanged.")
+            self._spiel_merge_saved.append((name, idx_s, old, kill, kill_old))
+            self.merged_adapters.append(name)
+
+    @staticmethod
+    def _restore(flat, idx_s, old, kill, kill_old) -> None:
+        if kill.numel():
+            flat[kill] = kill_old
+        flat[idx_s] = old
+
+    def unmerge(self) -> None:
+        """Write back the saved base values: exact in every dtype."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        flat = self.get_base_layer().weight.data.view(-1)
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            saved_name, idx_s, old, kill, kill_old = self._spiel_merge_saved.pop()
+            assert saved_name == name, "merge/unmerge bookkeeping out of order"
+            self._restore(flat, idx_s, old, kill, kill_old)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = tuple(a for a in self.active_adapters if a in self.spiel_values)
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        return SpielLinearFn.apply(x, base.weight, base.bias, self, active, *(self.spiel_values[a] for a in active))
+
+    def __repr__(self) -> str:
+        return "spiel." + super().__repr__()
