@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from transformers.pytorch_utils import Conv1D
 
+from .._layout import LINEAR_TYPES, linear_weight
 from ..masks import is_nm, parse_nm
 
 
@@ -85,7 +85,7 @@ def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = {}
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)) or module is head or ".modules_to_save." in name:
+        if not isinstance(module, LINEAR_TYPES) or module is head or ".modules_to_save." in name:
             continue
         if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2:
             found[_base_name(name)] = module
@@ -96,11 +96,6 @@ def _base_name(name: str) -> str:
     """The name a module has in the plain base model (peft wraps it under ``base_model.model`` and ``base_layer``)."""
     name = name.removeprefix("base_model.model.")
     return name.replace(".base_layer", "").replace(".original_module", "")
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight in ``nn.Linear`` layout ``(d_out, d_in)``; a transposed view for ``Conv1D``."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
 @torch.no_grad()

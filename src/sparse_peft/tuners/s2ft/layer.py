@@ -14,19 +14,19 @@ base matmul needs ``W`` (resident) for ``grad_x`` and nothing else. Backward ret
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from transformers.pytorch_utils import Conv1D
 
 from ... import ops as _ops
+from ..._layout import LINEAR_TYPES, linear_shape, linear_weight
 from ..._registry import BufferDict
 from ...masks import pack_mask, unpack_mask, zero_fingerprint
 
-SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+SUPPORTED_LAYERS = LINEAR_TYPES
 partial_weight_grad = _ops.partial_weight_grad if hasattr(_ops, "partial_weight_grad") else _ops.reference.partial_weight_grad
 
 
@@ -114,18 +114,13 @@ class S2FTLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
         base = self.get_base_layer()
-        if isinstance(base, Conv1D):
-            d_in, d_out = base.weight.shape
-        elif isinstance(base, nn.Linear):
-            d_out, d_in = base.weight.shape
-        else:
+        if not isinstance(base, LINEAR_TYPES):
             raise TypeError(f"S2FT supports nn.Linear and transformers Conv1D, got {type(base).__name__}.")
-        self.in_features, self.out_features = d_in, d_out
+        self.out_features, self.in_features = linear_shape(base)
 
     def _linear_weight(self) -> torch.Tensor:
         """The base weight in ``nn.Linear`` layout ``(d_out, d_in)`` (a transposed view for Conv1D)."""
-        w = self.get_base_layer().weight
-        return w.t() if isinstance(self.get_base_layer(), Conv1D) else w
+        return linear_weight(self.get_base_layer())
 
     def update_layer(self, adapter_name: str, axis: str, index: torch.Tensor, init_weights: bool = True,
                      preserve_sparsity: bool = True, **kwargs: Any) -> None:

@@ -38,6 +38,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
+from ..._layout import LINEAR_TYPES, linear_shape, linear_weight
 from .config import DATA_STRATEGIES, S2FTConfig
 
 # (module-name suffix, trained axis of the nn.Linear-layout weight, unit). The first matching suffix wins, so the
@@ -89,17 +90,6 @@ def block_of(name: str) -> str:
     """The block a module belongs to: its path up to the first numeric component (``model.layers.3``)."""
     match = re.match(r"^(.*?\.\d+)(\.|$)", name)
     return match.group(1) if match else ""
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)`` of an ``nn.Linear`` or a transformers ``Conv1D`` (stored ``(d_in, d_out)``)."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if isinstance(module, Conv1D) else (w.shape[0], w.shape[1])
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight in ``nn.Linear`` layout ``(d_out, d_in)``; a transposed view for ``Conv1D``."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
 @dataclass(frozen=True)
@@ -193,7 +183,7 @@ def _anchors(model: nn.Module) -> dict[str, dict[str, tuple[str, nn.Module]]]:
             module = module.get_base_layer()
         elif ".base_layer" in name:
             continue
-        if not isinstance(module, (nn.Linear, Conv1D)):
+        if not isinstance(module, LINEAR_TYPES):
             continue
         role = module_role(name)
         if role in (("cols", "heads"), ("cols", "channels")):

@@ -25,11 +25,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
 from ... import ops as _ops
+from ..._layout import LINEAR_TYPES, linear_shape, linear_weight
 from ..._registry import BufferDict
 from ...masks import parse_nm, zero_fingerprint
 from . import regrowth
 
-SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+SUPPORTED_LAYERS = LINEAR_TYPES
 INIT_STD = 0.1  # init_weights=False: values ~ N(0, INIT_STD^2)
 _NM_GROUPS = (4, 8, 16)  # M of the N:M patterns detected on SEFT bases (N <= M/2)
 
@@ -170,13 +171,9 @@ class SpielLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
         base = self.get_base_layer()
-        if isinstance(base, Conv1D):
-            d_in, d_out = base.weight.shape
-        elif isinstance(base, nn.Linear):
-            d_out, d_in = base.weight.shape
-        else:
+        if not isinstance(base, LINEAR_TYPES):
             raise TypeError(f"SpIEL supports nn.Linear and transformers Conv1D, got {type(base).__name__}.")
-        self.in_features, self.out_features = d_in, d_out
+        self.out_features, self.in_features = linear_shape(base)
 
     # ---- layouts ---------------------------------------------------------------------------------------------
     @property
@@ -184,9 +181,8 @@ class SpielLayer(BaseTunerLayer):
         return isinstance(self.get_base_layer(), Conv1D)
 
     def _linear_weight(self) -> torch.Tensor:
-        """The base weight as ``nn.Linear`` stores it, ``(d_out, d_in)`` (a view for Conv1D)."""
-        w = self.get_base_layer().weight
-        return w.t() if self._fan_in_fan_out else w
+        """The base weight in ``nn.Linear`` layout ``(d_out, d_in)`` (a transposed view for Conv1D)."""
+        return linear_weight(self.get_base_layer())
 
     def _as_linear(self, w_storage: torch.Tensor) -> torch.Tensor:
         return w_storage.t() if self._fan_in_fan_out else w_storage
