@@ -426,7 +426,7 @@ def test_ddp_grads_identical_on_ranks_and_equal_to_single_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    g0, g1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    g0, g1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     model = get_peft_model(make_model("llama"), sparse_peft.S2FTConfig(heads_ratio=0.25, channels_ratio=0.1,
                                                                        init_weights=False))
     batch = inputs("llama", batch=4)

@@ -408,7 +408,7 @@ def test_ddp_two_ranks_end_identical(tmp_path, selection):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), selection), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["changed"] > 0 and r0["stats"]["reselections"] == 2
     for n in r0["end"]:
         assert torch.equal(r0["end"][n][0], r1["end"][n][0]), f"{n}: indices differ across ranks"
