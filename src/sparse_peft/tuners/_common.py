@@ -6,7 +6,11 @@ attention and MLP projections of a block (LoRA's peft default covers only q and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
 import torch
+from peft.config import PeftConfig
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -58,3 +62,41 @@ def check_zero_fingerprints(model, state_dict: dict, adapter_name: str, attr: st
             "same pruned base it was trained on (re-apply the saved masks with sparse_peft.pruning.apply_masks "
             "if needed)."
         )
+
+
+@dataclass
+class SparseTunerConfig(PeftConfig):
+    """The fields every sparse_peft config shares with peft's LoRA config, and their checks.
+
+    Subclasses add ``target_modules`` (with their own defaults) and their method's fields, and call
+    ``super().__post_init__()`` first.
+    """
+
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names (or a regex) never to adapt."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Other modules to train fully and save with the adapter, e.g. ['score'] for classification."},
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={
+            "help": "Train only these token rows of the embedding (TRL sets this when it adds special tokens). A list "
+            "targets the input embedding; a dict maps embedding module names to lists of token ids."
+        },
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers'."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name, None), list):
+                setattr(self, name, set(getattr(self, name)))
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"{type(self).__name__}.layers_pattern only works together with layers_to_transform.")

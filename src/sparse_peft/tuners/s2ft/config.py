@@ -5,16 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
 
 from ..._registry import SparsePeftType
+from .._common import SparseTunerConfig
 
 STRATEGIES = ("random", "weight", "activation", "sensitivity", "gradient")
 DATA_STRATEGIES = ("activation", "sensitivity", "gradient")
 
 
 @dataclass
-class S2FTConfig(PeftConfig):
+class S2FTConfig(SparseTunerConfig):
     """Configuration of an [`S2FTModel`][sparse_peft.S2FTModel] ("select sparsely, compute densely").
 
     Per transformer block, S²FT picks ``heads_ratio`` of the attention heads and ``channels_ratio`` of the FFN
@@ -97,34 +97,10 @@ class S2FTConfig(PeftConfig):
             "query/key/value/output.dense and intermediate/output.dense, OPT out_proj/fc1/fc2."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names (or a regex) never to adapt."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None,
-        metadata={"help": "Other modules to train fully and save with the adapter, e.g. ['score'] for classification."},
-    )
-    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
-        default=None,
-        metadata={
-            "help": "Train only these token rows of the embedding (TRL sets this when it adds special tokens). A list "
-            "targets the input embedding; a dict maps embedding module names to lists of token ids."
-        },
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt these layer indices."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers'."}
-    )
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = SparsePeftType.S2FT
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
         for name in ("heads_ratio", "channels_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
@@ -140,8 +116,6 @@ class S2FTConfig(PeftConfig):
             raise ValueError(f"S2FTConfig.seed must be an integer, got {self.seed!r}.")
         if self.selection is not None:
             self.selection = _validate_selection(self.selection)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("S2FTConfig.layers_pattern only works together with layers_to_transform.")
 
 
 def _validate_selection(selection) -> dict[str, dict[str, list[int]]]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
 
 from ..._registry import SparsePeftType
+from .._common import SparseTunerConfig
 from ...masks import parse_nm
 
 
 @dataclass
-class SparseLoraConfig(PeftConfig):
+class SparseLoraConfig(SparseTunerConfig):
     """Configuration of a [`SparseLoraModel`][sparse_peft.SparseLoraModel].
 
     The effective weight of every target module is ``W + s * M ⊙ (B @ A)`` with ``s = lora_alpha / r``.
@@ -47,9 +47,6 @@ class SparseLoraConfig(PeftConfig):
             "attention and MLP projections of known architectures (Llama, Mistral, Qwen2/3, GPT-2, BERT, ...)."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names (or a regex) never to adapt."}
-    )
     mask_type: Literal["base", "nm", "custom"] = field(
         default="base",
         metadata={
@@ -72,31 +69,10 @@ class SparseLoraConfig(PeftConfig):
         default=False,
         metadata={"help": "Set automatically for transformers' Conv1D (GPT-2), whose weight is stored (d_in, d_out)."},
     )
-    modules_to_save: Optional[list[str]] = field(
-        default=None,
-        metadata={"help": "Other modules to train fully and save with the adapter, e.g. ['score'] for classification."},
-    )
-    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
-        default=None,
-        metadata={
-            "help": "Train only these token rows of the embedding (TRL sets this when it adds special tokens). A list "
-            "targets the input embedding; a dict maps embedding module names to lists of token ids."
-        },
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt these layer indices."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers'."}
-    )
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = SparsePeftType.SPARSE_LORA
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"SparseLoraConfig.r must be a positive integer (e.g. r=8), got {self.r!r}.")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
@@ -108,5 +84,3 @@ class SparseLoraConfig(PeftConfig):
         if self.mask_type == "nm" and self.nm_pattern is None:
             raise ValueError("SparseLoraConfig.mask_type='nm' needs nm_pattern, e.g. nm_pattern='2:4'.")
         parse_nm(self.nm_pattern, field="SparseLoraConfig.nm_pattern")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("SparseLoraConfig.layers_pattern only works together with layers_to_transform.")

@@ -5,16 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
 
 from ..._registry import SparsePeftType
+from .._common import SparseTunerConfig
 from ...masks import parse_nm
 
 VALUES_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 @dataclass
-class SpielConfig(PeftConfig):
+class SpielConfig(SparseTunerConfig):
     """Configuration of a [`SpielModel`][sparse_peft.SpielModel] (peft type ``SPIEL``).
 
     Every target weight ``W`` (``nn.Linear`` layout ``(d_out, d_in)``) gets ``k`` trainable ``values`` at ``k``
@@ -62,9 +62,6 @@ class SpielConfig(PeftConfig):
             "help": "Module names (or a regex) to adapt, e.g. ['q_proj', 'v_proj'], or 'all-linear'. None picks all "
             "attention and MLP projections of known architectures (Llama, Mistral, Qwen2/3, GPT-2, BERT, ...)."
         },
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names (or a regex) never to adapt."}
     )
     init_weights: bool = field(
         default=True,
@@ -138,31 +135,10 @@ class SpielConfig(PeftConfig):
             "after each optimizer.step()."
         },
     )
-    modules_to_save: Optional[list[str]] = field(
-        default=None,
-        metadata={"help": "Other modules to train fully and save with the adapter, e.g. ['score'] for classification."},
-    )
-    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
-        default=None,
-        metadata={
-            "help": "Train only these token rows of the embedding (TRL sets this when it adds special tokens). A list "
-            "targets the input embedding; a dict maps embedding module names to lists of token ids."
-        },
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt these layer indices."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers'."}
-    )
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = SparsePeftType.SPIEL
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
         self._check_budget()
         self._check_schedule()
         if self.selection not in ("ag", "ma"):
@@ -172,8 +148,6 @@ class SpielConfig(PeftConfig):
         parse_nm(self.nm_pattern, field="SpielConfig.nm_pattern")
         if self.preserve_sparsity not in (None, True, False):
             raise ValueError(f"SpielConfig.preserve_sparsity must be None, True or False, got {self.preserve_sparsity!r}.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("SpielConfig.layers_pattern only works together with layers_to_transform.")
 
     def _check_budget(self) -> None:
         given = [n for n in ("r", "density", "num_deltas") if getattr(self, n) is not None]
