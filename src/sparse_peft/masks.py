@@ -69,14 +69,46 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return (flat.reshape(-1, 8) * bits).sum(-1, dtype=torch.uint8)  # (ceil(numel/8),)
 
 
-def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`."""
+_LUTS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _bit_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(256, 8)`` table: row ``b`` holds the 8 bits of byte ``b`` (least significant first) as 0/1 in ``dtype``."""
+    key = (dtype, device)
+    table = _LUTS.get(key)
+    if table is None:
+        table = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).to(dtype=dtype, device=device)
+        _LUTS[key] = table
+    return table
+
+
+def _numel(shape: torch.Size | tuple[int, ...]) -> int:
     numel = 1
     for s in shape:
         numel *= int(s)
-    bits = _BIT_WEIGHTS.to(packed.device)
-    flat = (packed.unsqueeze(-1) & bits).ne(0).reshape(-1)  # (8 * len(packed),)
-    return flat[:numel].reshape(shape)
+    return numel
+
+
+def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: a boolean tensor of ``shape``.
+
+    One table lookup per byte (no per-bit passes); the 0/1 bytes are reinterpreted as ``bool`` without a copy.
+    """
+    table = _bit_table(torch.uint8, packed.device)
+    flat = table.index_select(0, packed.int()).view(torch.bool).reshape(-1)  # (8 * len(packed),)
+    return flat[: _numel(shape)].reshape(shape)
+
+
+def unpack_mask_as(packed: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """:func:`unpack_mask` as 0/1 values of ``dtype`` (e.g. fp32), ready to multiply with.
+
+    Multiplying by a float 0/1 mask is several times faster on CPU than ``masked_fill`` or ``torch.where`` with a
+    random boolean mask (those branch per element). Note ``x * 0`` is ``-0.0`` for negative ``x`` and NaN for an
+    infinite ``x``: use it for computation, and ``torch.where`` where bit-exact values matter (merging).
+    """
+    table = _bit_table(dtype, packed.device)
+    flat = table.index_select(0, packed.int()).reshape(-1)  # (8 * len(packed),)
+    return flat[: _numel(shape)].reshape(shape)
 
 
 def zero_fingerprint(weight: torch.Tensor) -> torch.Tensor:

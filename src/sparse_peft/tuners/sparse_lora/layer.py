@@ -24,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
 from ..._registry import BufferDict
-from ...masks import nm_mask, pack_mask, parse_nm, unpack_mask, zero_fingerprint
+from ...masks import nm_mask, pack_mask, parse_nm, unpack_mask, unpack_mask_as, zero_fingerprint
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)  # plus bitsandbytes' Linear4bit / Linear8bitLt, see is_supported_layer
 
@@ -111,6 +111,36 @@ def _requantize(base: nn.Module, kind: str, dense: torch.Tensor) -> None:
     base.state.reset_grads()
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _masks_as(packed_masks: Sequence[torch.Tensor], shape: tuple[int, int],
+              ab: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each adapter's M as 0/1 values in its compute dtype, ``(d_out, d_in)``; masks shared by adapters are unpacked
+    once."""
+    out, seen = [], {}
+    for i, packed in enumerate(packed_masks):
+        key = (id(packed), _compute_dtype(ab[2 * i]))
+        if key not in seen:
+            seen[key] = unpack_mask_as(packed, shape, key[1])
+        out.append(seen[key])
+    return out
+
+
+def _masked_products(masks: Sequence[torch.Tensor], ab: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``M_a ⊙ (B_a @ A_a)`` per adapter, unscaled, in the compute dtype, ``(d_out, d_in)``.
+
+    Outside ``M_a`` the entries are ``±0`` (a 0/1 multiply, several times faster on CPU than ``masked_fill``).
+    """
+    prods = []
+    for i, mask in enumerate(masks):
+        a, b = ab[2 * i], ab[2 * i + 1]  # (r, d_in), (d_out, r)
+        ct = mask.dtype
+        prods.append((b.to(ct) @ a.to(ct)).mul_(mask))  # (d_out, d_in)
+    return prods
+
+
 def _masked_delta(
     packed_masks: Sequence[torch.Tensor],
     shape: tuple[int, int],
@@ -118,30 +148,36 @@ def _masked_delta(
     ab: Sequence[torch.Tensor],
 ) -> Optional[torch.Tensor]:
     """Σ_a s_a · M_a ⊙ (B_a @ A_a), in fp32 (fp64 for fp64 adapters), ``(d_out, d_in)``; None without adapters."""
-    delta = None
-    for i, (packed, s) in enumerate(zip(packed_masks, scalings)):
-        a, b = ab[2 * i], ab[2 * i + 1]  # (r, d_in), (d_out, r)
-        ct = _compute_dtype(a)
-        d = (b.to(ct) @ a.to(ct)).mul_(s)  # (d_out, d_in)
-        d.masked_fill_(~unpack_mask(packed, shape), 0.0)
-        delta = d if delta is None else delta.add_(d)
+    prods = _masked_products(_masks_as(packed_masks, shape, ab), ab)
+    if not prods:
+        return None
+    delta = prods[0].mul_(scalings[0])
+    for d, s in zip(prods[1:], scalings[1:]):
+        delta.add_(d, alpha=s)
     return delta
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
 
 
 WeightArg = Union[torch.Tensor, Callable[[], torch.Tensor], None]
 
 
-def _effective_weight(weight: Optional[torch.Tensor], delta: Optional[torch.Tensor],
+def _effective_weight(weight: Optional[torch.Tensor], prods: Sequence[torch.Tensor], scalings: Sequence[float],
                       dtype: torch.dtype) -> torch.Tensor:
-    """``W + delta`` (either may be None: no base / no adapter), ``(d_out, d_in)`` in ``dtype``."""
+    """``W + Σ_a s_a prods_a`` (``weight`` None: no base), ``(d_out, d_in)`` in ``dtype``.
+
+    When the base and the products share a dtype (fp32 training) this is one fused pass per adapter.
+    """
+    if not prods:
+        return weight.to(dtype)
+    if weight is not None and weight.dtype == prods[0].dtype:
+        out = torch.add(weight, prods[0], alpha=scalings[0])
+        for d, s in zip(prods[1:], scalings[1:]):
+            out.add_(d, alpha=s)
+        return out.to(dtype)
+    delta = prods[0] * scalings[0]  # low-precision base: sum the delta in fp32, add it once in the base dtype
+    for d, s in zip(prods[1:], scalings[1:]):
+        delta.add_(d, alpha=s)
     if weight is None:
         return delta.to(dtype)
-    if delta is None:
-        return weight.to(dtype)
     return (weight + delta.to(weight.dtype)).to(dtype)
 
 
@@ -153,15 +189,17 @@ class MaskedLoraLinearFn(torch.autograd.Function):
 
     Saved for backward: ``x``, the (frozen) weight unless it comes from a callable, and the adapters' ``A``/``B``.
     The dense delta, the effective weight and the masks are rebuilt in backward; no ``(d_out, d_in)`` tensor outlives
-    the forward.
+    the forward. In backward each mask is unpacked once and used both for the effective weight (``grad_x``) and to
+    mask the weight gradient.
     """
 
     @staticmethod
     def forward(ctx, x, weight: WeightArg, bias, packed_masks, shape, scalings, *ab):
         getter = weight if callable(weight) and not isinstance(weight, torch.Tensor) else None
         dense = getter() if getter is not None else weight  # (d_out, d_in), transient for a getter
-        delta = _masked_delta(packed_masks, shape, scalings, ab)  # (d_out, d_in) fp32, None without adapters
-        out = F.linear(x, _effective_weight(dense, delta, x.dtype), bias)  # (..., d_out)
+        prods = _masked_products(_masks_as(packed_masks, shape, ab), ab)  # [(d_out, d_in)] per adapter
+        out = F.linear(x, _effective_weight(dense, prods, scalings, x.dtype), bias)  # (..., d_out)
+        del prods
         ctx.save_for_backward(x, None if getter is not None else weight, *ab)
         ctx.getter = getter
         ctx.packed_masks, ctx.shape, ctx.scalings = packed_masks, shape, scalings
@@ -174,24 +212,26 @@ class MaskedLoraLinearFn(torch.autograd.Function):
         d_out, d_in = ctx.shape
         g = grad_out.reshape(-1, d_out).to(x.dtype)  # (T, d_out); autocast may have made it lower precision than x
         x2 = x.reshape(-1, d_in)  # (T, d_in)
+        masks = _masks_as(ctx.packed_masks, ctx.shape, ab)  # 0/1 in each adapter's compute dtype
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             dense = ctx.getter() if ctx.getter is not None else weight  # recomputed, e.g. dequantized again
-            scaled = _masked_delta(ctx.packed_masks, ctx.shape, ctx.scalings, ab)
-            grad_x = (g @ _effective_weight(dense, scaled, g.dtype)).reshape(x.shape)  # (..., d_in)
+            w_eff = _effective_weight(dense, _masked_products(masks, ab), ctx.scalings, g.dtype)
+            grad_x = (g @ w_eff).reshape(x.shape)  # (..., d_in)
+            del w_eff
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
-        grad_ab = []
+        grad_ab = [None] * len(ab)
         if ab and any(ctx.needs_input_grad[6:]):
             ct = _compute_dtype(ab[0])
             grad_w = (g.t() @ x2).to(ct)  # (d_out, d_in): the dense weight gradient, transient
-            for i, (packed, s) in enumerate(zip(ctx.packed_masks, ctx.scalings)):
+            last = len(masks) - 1
+            for i, (mask, s) in enumerate(zip(masks, ctx.scalings)):
                 a, b = ab[2 * i], ab[2 * i + 1]
-                gm = grad_w.masked_fill(~unpack_mask(packed, ctx.shape), 0.0).mul_(s)  # (d_out, d_in)
-                grad_ab.append((b.to(ct).t() @ gm).to(a.dtype))  # (r, d_in)
-                grad_ab.append((gm @ a.to(ct).t()).to(b.dtype))  # (d_out, r)
-        else:
-            grad_ab = [None] * len(ab)
+                # M ⊙ dL/dW; the last adapter may reuse grad_w's storage. s is applied to the small results.
+                gm = grad_w.mul_(mask) if i == last else grad_w * mask  # (d_out, d_in)
+                grad_ab[2 * i] = (b.to(ct).t() @ gm).mul_(s).to(a.dtype)  # (r, d_in)
+                grad_ab[2 * i + 1] = (gm @ a.to(ct).t()).mul_(s).to(b.dtype)  # (d_out, r)
         return (grad_x, None, grad_bias, None, None, None, *grad_ab)
 
 
