@@ -5,10 +5,14 @@ CPU tests run in CI. GPU tests are marked ``cuda`` and also skip without a GPU; 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -257,6 +261,7 @@ def test_import_is_lazy():
         "import sys, torch, sparse_peft, sparse_peft.ops as o;"
         "assert not torch.cuda.is_initialized();"
         "assert o._extension._STATE is None;"
+        "assert o._extension.PREBUILT not in sys.modules, 'prebuilt module imported at import time';"
         "assert 'torch.utils.cpp_extension' not in sys.modules, 'cpp_extension imported at import time'"
     )
     env = {k: v for k, v in os.environ.items() if k != _extension.DISABLE_ENV}
@@ -265,18 +270,40 @@ def test_import_is_lazy():
 
 @pytest.fixture
 def fresh_loader(monkeypatch):
+    """A loader with nothing cached and no prebuilt module (even if an ahead-of-time build sits in src/)."""
     _extension._reset_for_tests()
+    monkeypatch.setitem(sys.modules, _extension.PREBUILT, None)  # import -> ModuleNotFoundError, as if not installed
     yield monkeypatch
     _extension._reset_for_tests()
 
 
+def fake_prebuilt(**overrides) -> types.ModuleType:
+    """A stand-in for the ahead-of-time ``sparse_peft.ops._C`` that matches this install unless overridden."""
+    mod = types.ModuleType(_extension.PREBUILT)
+    for op in _extension.KERNEL_OPS:
+        setattr(mod, op, lambda *args: None)
+    mod.torch_version = _extension._torch_release()
+    mod.sources_hash = _extension.sources_hash()
+    for name, value in overrides.items():
+        if value is None:
+            delattr(mod, name)
+        else:
+            setattr(mod, name, value)
+    return mod
+
+
+def no_build(verbose=False):
+    pytest.fail("must not compile")
+
+
 def test_disable_env_forces_reference(fresh_loader):
     fresh_loader.setenv(_extension.DISABLE_ENV, "1")
-    fresh_loader.setattr(_extension, "_compile", lambda verbose=False: pytest.fail("must not build"))
+    fresh_loader.setattr(_extension, "_compile", no_build)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _extension.load() is None
-    assert _extension.status() == {"loaded": False, "source": "disabled", "reason": "SPARSE_PEFT_DISABLE_EXT=1"}
+    assert _extension.status() == {"path": "reference", "loaded": False, "source": "disabled",
+                                   "reason": "SPARSE_PEFT_DISABLE_EXT=1", "prebuilt": None}
 
 
 def test_failed_build_is_cached_and_reported_once(fresh_loader):
@@ -303,13 +330,192 @@ def test_successful_build_is_cached(fresh_loader):
     calls = []
     fresh_loader.setattr(_extension, "_compile", lambda verbose=False: calls.append(1) or sentinel)
     assert _extension.load() is sentinel and _extension.load() is sentinel and calls == [1]
-    assert _extension.status() == {"loaded": True, "source": "jit", "reason": ""}
+    assert _extension.status() == {"path": "jit", "loaded": True, "source": "jit", "reason": "", "prebuilt": None}
+
+
+def test_prebuilt_module_is_preferred(fresh_loader):
+    fresh_loader.delenv(_extension.DISABLE_ENV, raising=False)
+    fake = fake_prebuilt()
+    fresh_loader.setitem(sys.modules, _extension.PREBUILT, fake)
+    fresh_loader.setattr(_extension, "_compile", no_build)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _extension.load() is fake and _extension.load() is fake
+    st = _extension.status()
+    assert (st["path"], st["loaded"], st["source"], st["reason"]) == ("prebuilt", True, "prebuilt", "")
+    assert st["prebuilt"] == _extension.PREBUILT  # the fake has no __file__; a real one reports its .so path
+
+
+def test_prebuilt_module_is_ignored_when_disabled(fresh_loader):
+    fresh_loader.setenv(_extension.DISABLE_ENV, "1")
+    fresh_loader.setitem(sys.modules, _extension.PREBUILT, fake_prebuilt())
+    fresh_loader.setattr(_extension, "_compile", no_build)
+    assert _extension.load() is None
+    assert _extension.status()["path"] == "reference" and _extension.status()["source"] == "disabled"
+    assert _extension.probe()["path"] == "reference"
+
+
+@pytest.mark.parametrize("overrides, why", [
+    ({"gather_weight_grad": None}, "lacks the op(s) gather_weight_grad"),
+    ({"torch_version": "1.0.0"}, "built for torch 1.0.0"),
+    ({"sources_hash": ""}, "other kernel sources"),
+])
+def test_mismatched_prebuilt_falls_back_to_jit(fresh_loader, overrides, why):
+    fresh_loader.delenv(_extension.DISABLE_ENV, raising=False)
+    fresh_loader.setitem(sys.modules, _extension.PREBUILT, fake_prebuilt(**overrides))
+    sentinel, calls = object(), []
+    fresh_loader.setattr(_extension, "_compile", lambda verbose=False: calls.append(1) or sentinel)
+    with pytest.warns(RuntimeWarning, match=re.escape(why) + ".*--no-build-isolation"):
+        assert _extension.load() is sentinel
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _extension.load() is sentinel  # cached: reported once
+    assert calls == [1]
+    st = _extension.status()
+    assert st["path"] == "jit" and why in st["reason"]
+
+
+def test_prebuilt_that_does_not_import_falls_back(fresh_loader):
+    """A prebuilt .so left behind by a torch upgrade fails to import (undefined symbol): use the JIT build."""
+    fresh_loader.delenv(_extension.DISABLE_ENV, raising=False)
+    real_import = importlib.import_module
+
+    def import_module(name, package=None):
+        if name == _extension.PREBUILT:
+            raise ImportError("_C.so: undefined symbol: _ZN3c104cuda20getCurrentCUDAStreamEa")
+        return real_import(name, package)
+
+    def compile_fails(verbose=False):
+        raise OSError("no nvcc")
+
+    fresh_loader.setattr(importlib, "import_module", import_module)
+    fresh_loader.setattr(_extension, "_compile", compile_fails)
+    with pytest.warns(RuntimeWarning) as record:
+        assert _extension.load() is None
+    messages = [str(w.message) for w in record]
+    assert any("undefined symbol" in m for m in messages) and any("no nvcc" in m for m in messages)
+    st = _extension.status()
+    assert st["path"] == "reference" and st["source"] == "failed"
+    assert "no nvcc" in st["reason"] and "undefined symbol" in st["reason"]
+
+
+def test_probe_decides_the_path_without_compiling(fresh_loader, capsys):
+    fresh_loader.delenv(_extension.DISABLE_ENV, raising=False)
+    fresh_loader.setattr(_extension, "_compile", no_build)
+    info = _extension.probe()  # nothing installed: the first CUDA call would compile (reference on a CPU torch)
+    assert info["path"] == ("reference" if torch.version.cuda is None else "jit") and not info["loaded"]
+    assert "no prebuilt sparse_peft.ops._C installed" in info["reason"] and _extension._STATE is None
+    fake = fake_prebuilt()
+    fresh_loader.setitem(sys.modules, _extension.PREBUILT, fake)
+    assert _extension._main([]) == 0
+    assert "sparse_peft ops: prebuilt" in capsys.readouterr().out and _extension.load() is fake
+
+
+def test_binding_defines_the_kernel_ops():
+    """The loader's KERNEL_OPS (what a prebuilt module must have) are exactly what binding.cpp defines."""
+    text = (_extension.CSRC / "binding.cpp").read_text()
+    assert tuple(re.findall(r'm\.def\("(\w+)"', text)) == _extension.KERNEL_OPS
+    assert 'm.attr("torch_version")' in text and 'm.attr("sources_hash")' in text
+
+
+# ------------------------------------------------------------------------------ setup.py: SPARSE_PEFT_BUILD_EXT=1
+@pytest.fixture
+def setup_py():
+    """setup.py as a module (its ``setup()`` call only runs as ``__main__``)."""
+    spec = importlib.util.spec_from_file_location("sparse_peft_setup_py", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_nvcc(tmp_path: Path, release: str) -> Path:
+    """A CUDA_HOME whose bin/nvcc reports ``release``."""
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.0'\n")
+    nvcc.chmod(0o755)
+    return nvcc.parent.parent
+
+
+def test_setup_without_the_switch_is_pure_python(setup_py):
+    assert setup_py.extension_setup_kwargs({}) == {}
+    assert setup_py.extension_setup_kwargs({setup_py.BUILD_ENV: "0"}) == {}
+    code = ("import runpy, sys; sys.argv = ['setup.py', '--name']; runpy.run_path('setup.py', run_name='__main__');"
+            "assert 'torch' not in sys.modules, 'setup.py imported torch'")
+    env = {k: v for k, v in os.environ.items() if k != setup_py.BUILD_ENV}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "sparse-peft", out.stdout + out.stderr
+
+
+def test_setup_switch_without_torch_names_the_fix(setup_py, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # as in pip's isolated build environment
+    with pytest.raises(setup_py.ExtensionBuildError, match="--no-build-isolation") as err:
+        setup_py.extension_setup_kwargs({setup_py.BUILD_ENV: "1"})
+    assert "install torch with CUDA first" in str(err.value.code) and "Traceback" not in str(err.value.code)
+
+
+def test_setup_switch_with_cpu_torch_names_the_fix(setup_py, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(setup_py.ExtensionBuildError, match="(?s)CPU-only build.*install a CUDA build of torch"):
+        setup_py.extension_setup_kwargs({setup_py.BUILD_ENV: "1"})
+
+
+def test_setup_switch_without_nvcc_names_the_fix(setup_py, monkeypatch, tmp_path):
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    for home in (None, str(tmp_path)):  # torch found no toolkit; CUDA_HOME points at a folder without bin/nvcc
+        monkeypatch.setattr(cpp, "CUDA_HOME", home)
+        with pytest.raises(setup_py.ExtensionBuildError, match="(?s)nvcc not found.*set CUDA_HOME"):
+            setup_py.extension_setup_kwargs({setup_py.BUILD_ENV: "1"})
+
+
+def test_setup_switch_with_mismatched_nvcc_names_the_fix(setup_py, monkeypatch, tmp_path):
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp, "CUDA_HOME", str(fake_nvcc(tmp_path, "12.4")))
+    with pytest.raises(setup_py.ExtensionBuildError, match="(?s)CUDA 12.4, but torch .* CUDA 13.0.*set CUDA_HOME"):
+        setup_py.extension_setup_kwargs({setup_py.BUILD_ENV: "1"})
+
+
+def test_setup_switch_builds_the_prebuilt_module(setup_py, monkeypatch, tmp_path):
+    """With a (faked) CUDA torch and nvcc: one CUDAExtension, named as the loader imports it, recording the hash."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp, "CUDA_HOME", str(fake_nvcc(tmp_path, "13.0")))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    env = {setup_py.BUILD_ENV: "1"}
+    kwargs = setup_py.extension_setup_kwargs(env)
+    (ext,) = kwargs["ext_modules"]
+    assert ext.name == _extension.PREBUILT == "sparse_peft.ops._C"
+    assert [Path(s).name for s in ext.sources] == list(_extension.SOURCES)
+    assert all(not os.path.isabs(s) and (ROOT / s).is_file() for s in ext.sources)
+    assert f"-DSPARSE_PEFT_SOURCES_HASH={_extension.sources_hash()}" in ext.extra_compile_args["cxx"]
+    assert issubclass(kwargs["cmdclass"]["build_ext"], cpp.BuildExtension)
+    assert env["TORCH_CUDA_ARCH_LIST"] == setup_py.DEFAULT_ARCHS  # no GPU visible: torch alone would fail
+    env = {setup_py.BUILD_ENV: "1", "TORCH_CUDA_ARCH_LIST": "8.6"}
+    setup_py.extension_setup_kwargs(env)
+    assert env["TORCH_CUDA_ARCH_LIST"] == "8.6"  # the user's choice wins
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_kernels_compile():
-    res = subprocess.run(["bash", str(ROOT / ".ci" / "compile_kernels.sh")], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, SPARSE_PEFT_CHECK_BINDING="0")  # the .cu files only: seconds
+    res = subprocess.run(["bash", str(ROOT / ".ci" / "compile_kernels.sh")], capture_output=True, text=True,
+                         timeout=300, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_kernels_and_binding_compile():
+    """The .cu files and binding.cpp (torch headers, about a minute on 2 cores); a CPU build of torch is enough."""
+    env = dict(os.environ, SPARSE_PEFT_CHECK_BINDING="1", PYTHON=sys.executable)
+    res = subprocess.run(["bash", str(ROOT / ".ci" / "compile_kernels.sh")], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert res.returncode == 0 and "binding.cpp not checked" not in res.stdout, res.stdout + res.stderr
 
 
 # ============================================================================================== GPU (pytest -m cuda)

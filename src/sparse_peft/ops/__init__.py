@@ -7,8 +7,9 @@
 
 Flat index ``k`` addresses ``weight[k // d_in, k % d_in]`` of an ``nn.Linear`` weight ``(d_out, d_in)``.
 :mod:`sparse_peft.ops.reference` holds the definitions. Importing this package registers the ops and nothing else:
-native code is built on the first CUDA call (see :func:`extension_status`; ``SPARSE_PEFT_DISABLE_EXT=1`` forces the
-reference).
+native code is loaded on the first CUDA call, from the module an ahead-of-time install built
+(``SPARSE_PEFT_BUILD_EXT=1``) or else compiled just in time (see :func:`extension_status` and
+``python -m sparse_peft.ops``; ``SPARSE_PEFT_DISABLE_EXT=1`` forces the reference).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``python -m sparse_peft.ops`` prints which path the ops use; ``python -m sparse_peft.ops build`` builds the kernels."""
+"""``python -m sparse_peft.ops`` prints which path the ops use (prebuilt, jit or reference) without compiling;
+``python -m sparse_peft.ops build`` builds the kernels just in time now."""
 
 import sys
 

@@ -1,12 +1,26 @@
-// Torch binding for the sparse_peft CUDA kernels. Built lazily by sparse_peft/ops/_extension.py.
+// Torch binding for the sparse_peft CUDA kernels. Built lazily by sparse_peft/ops/_extension.py, or ahead of time
+// as sparse_peft.ops._C by setup.py (SPARSE_PEFT_BUILD_EXT=1).
 //
 // The kernels live in *.cu files behind the plain C ABI of sparse_peft_kernels.h; this file only checks arguments,
 // arranges layouts (contiguous copies, token-major transposes, fp32 values) and launches on the current stream.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
+#include <torch/version.h>
+
+#include <string>
 
 #include "sparse_peft_kernels.h"
+
+// setup.py passes -DSPARSE_PEFT_SOURCES_HASH=<16 hex digits> (a hash of csrc/) to an ahead-of-time build, so the
+// loader can tell a stale prebuilt module from a matching one. Just-in-time builds leave it empty.
+#define SP_STR_(x) #x
+#define SP_STR(x) SP_STR_(x)
+#ifdef SPARSE_PEFT_SOURCES_HASH
+#define SP_SOURCES_HASH SP_STR(SPARSE_PEFT_SOURCES_HASH)
+#else
+#define SP_SOURCES_HASH ""
+#endif
 
 namespace {
 
@@ -119,6 +133,10 @@ at::Tensor gather_weight_grad(const at::Tensor& grad_output, const at::Tensor& i
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_peft CUDA kernels (use sparse_peft.ops, not this module)";
+  // What the loader checks before it uses an ahead-of-time build (sparse_peft/ops/_extension.py).
+  m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                            std::to_string(TORCH_VERSION_PATCH);
+  m.attr("sources_hash") = SP_SOURCES_HASH;
   m.def("scatter_add_delta", &scatter_add_delta, "weight + scatter(values) at flat indices, out of place");
   m.def("scatter_add_delta_", &scatter_add_delta_, "weight += alpha * scatter(values), in place");
   m.def("gather_weight_grad", &gather_weight_grad, "SDDMM: sum_t g[t, i] x[t, j] at flat indices (i, j)");
