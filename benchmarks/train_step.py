@@ -6,6 +6,7 @@ they are resident anyway). Peak RSS is reported as a secondary figure. Step time
 rounds, of each method's time divided by LoRA's time in the same round.
 
     python benchmarks/train_step.py --rounds 5 --out benchmarks/results/train_step.json
+    python benchmarks/train_step.py --rounds 3 --clock cpu   # one thread, CPU time: robust on a shared machine
 """
 
 from __future__ import annotations
@@ -118,13 +119,39 @@ def saved_bytes(model: nn.Module, batch: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
+def use_clock(name: str) -> None:
+    """Time steps by wall clock (default) or by this process's CPU time on one intra-op thread.
+
+    ``cpu`` is what to use on a shared machine: one thread's CPU time barely moves when other jobs load the cores,
+    while wall-clock ratios there swing by ±50%. It measures work, not parallel speed-up.
+    """
+    global _clock
+    _clock = CLOCKS[name]
+    if name == "cpu":
+        torch.set_num_threads(1)  # idle OpenMP workers spin, which would count as CPU time
+
+
+def add_clock_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: wall-clock time on all threads; cpu: process CPU time on one thread, robust to other "
+                         "load on the machine")
+
+
 def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
-    start = time.perf_counter()
+    if batch.is_cuda:
+        torch.cuda.synchronize()
+    start = _clock()
     loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    if batch.is_cuda:
+        torch.cuda.synchronize()  # CUDA work is asynchronous: time it to completion
+    return _clock() - start
 
 
 def main() -> None:
@@ -136,7 +163,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (after one warm-up)")
     ap.add_argument("--no-grad-ckpt-variant", action="store_true", help="skip the gradient-checkpointing runs")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
+    add_clock_arg(ap)
     args = ap.parse_args()
+    use_clock(args.clock)
 
     torch.manual_seed(0)
     base, tok = load_smollm2(torch.float32)
@@ -173,7 +202,7 @@ def main() -> None:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"SmolLM2-135M, 50% magnitude mask, seq {args.seq_len}, batch {args.batch}, r={args.r}, "
           f"{args.rounds} interleaved rounds, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {args.clock} clock")
     print(f"{'method':<20} {'grad ckpt':>9} {'trainable':>11} {'memory MB':>10} {'mem/LoRA':>9} "
           f"{'step s':>7} {'time/LoRA':>10} {'range':>13}")
     for r in results:

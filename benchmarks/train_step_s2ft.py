@@ -15,6 +15,7 @@ SmolLM2-135M has 9 heads of 64 (3 kv heads) and 1536 FFN channels per layer. One
 LoRA r=4 on all seven projections has 1,221,120 trainable values (0.91%): the closest rank to 0.8%.
 
     python benchmarks/train_step_s2ft.py --rounds 5 --out benchmarks/results/train_step_s2ft.json
+    python benchmarks/train_step_s2ft.py --rounds 3 --clock cpu   # one thread, CPU time: robust on a shared machine
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import build, magnitude_prune_, saved_bytes, state_bytes, timed_step  # noqa: E402
+from train_step import (add_clock_arg, build, magnitude_prune_, saved_bytes, state_bytes, timed_step,  # noqa: E402
+                        use_clock)
 
 import sparse_peft  # noqa: E402
 from peft import get_peft_model  # noqa: E402
@@ -77,7 +79,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--out", default="benchmarks/results/train_step_s2ft.json")
+    add_clock_arg(ap)
     args = ap.parse_args()
+    if args.clock == "cpu" and args.device != "cpu":
+        ap.error("--clock cpu measures CPU work; use it with --device cpu")
+    use_clock(args.clock)
 
     torch.manual_seed(0)
     base, tok = load_smollm2(torch.float32)
@@ -121,7 +127,8 @@ def main() -> None:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     where = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     print(f"SmolLM2-135M ({total:,} params), 50% magnitude mask, {args.dtype}, seq {args.seq_len}, batch {args.batch}, "
-          f"LoRA r={args.r}, {args.rounds} interleaved rounds, {where}, {torch.get_num_threads()} threads")
+          f"LoRA r={args.r}, {args.rounds} interleaved rounds, {where}, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock")
     print(f"{'method':<14} {'trainable':>11} {'%':>6} {'memory MB':>10} {'mem/LoRA':>9} {'mem/full':>9} "
           f"{'step s':>7} {'time/LoRA':>10} {'range':>13}" + (f" {'cuda peak MB':>13} {'/LoRA':>6}" if cuda_peak else ""))
     for r in results:
