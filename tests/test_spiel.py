@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import pytest
@@ -13,10 +14,10 @@ from transformers.pytorch_utils import Conv1D
 
 import sparse_peft
 from conftest import inputs, make_model, make_sparse, prunable
+from sparse_peft import ops
 from sparse_peft.masks import is_nm
 from sparse_peft.pruning.report import linear_weight
 from sparse_peft.tuners.spiel import SpielLayer, regrowth
-from sparse_peft.tuners.spiel.layer import _gather_weight_grad_cpu
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -80,16 +81,20 @@ def test_gradient_equals_dense_autograd(conv, n_adapters):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)  # value gradient is an fp32 SDDMM
 
 
-def test_cpu_value_gradient_equals_reference_op(monkeypatch):
+def test_cpu_value_gradient_paths_equal_the_definition():
+    """The layer's value gradient is ops.gather_weight_grad; its CPU paths (sampled_addmm, and the blocked dense
+    fallback) equal the definition (the gather-dot), duplicates and int32 indices included."""
     from sparse_peft.ops import reference
     from sparse_peft.tuners.spiel import layer as layer_mod
 
+    assert layer_mod._gather_weight_grad is ops.gather_weight_grad
     g, x = torch.randn(2, 7, 40), torch.randn(2, 7, 24)
-    idx = torch.randperm(40 * 24)[:100].int()
-    want = reference.gather_weight_grad(g, x, idx)
-    torch.testing.assert_close(_gather_weight_grad_cpu(g, x, idx), want)
-    monkeypatch.setattr(layer_mod, "_BLOCK_ELEMS", 3 * 24)  # the fallback, in several row blocks
-    got = layer_mod._gather_weight_grad_blocked(g.reshape(-1, 40), x.reshape(-1, 24), idx.long())
+    idx = torch.cat([torch.randperm(40 * 24)[:100], torch.tensor([5, 5])]).int()
+    want = reference._gather_dot(g, x, idx.long())
+    torch.testing.assert_close(ops.gather_weight_grad(g, x, idx), want)
+    order = torch.argsort(idx.long())
+    got = torch.empty_like(want)
+    got[order] = reference._gather_blocked(g.reshape(-1, 40), x.reshape(-1, 24), idx.long()[order], block_elems=3 * 24)
     torch.testing.assert_close(got, want)
 
 
@@ -124,6 +129,63 @@ def test_regrowth_maths():
     idx = torch.tensor([2, 3, 6])  # groups 0 (two revived) and 1 (one revived)
     partners = regrowth.assign_partners(nonzero, idx, torch.tensor([5.0, 1.0, 0, 0, 9.0, 3.0] + [0.0] * 10), 4)
     assert sorted(partners[:2].tolist()) == [0, 1] and partners[2].item() == 5
+
+
+@pytest.mark.parametrize("group", [None, "module", 4])
+def test_candidate_selection_equals_full_ranking(group):
+    """grow and assign_partners rank only the candidates beyond a sampled threshold: same result as ranking all."""
+    g = torch.Generator().manual_seed(0)
+    numel, k, n = 96 * 128, 1200, 300
+    if group == 4:  # a 2:4 base
+        nonzero = torch.rand(numel // 4, 4, generator=g).argsort(1).argsort(1).reshape(-1) < 2
+    else:
+        nonzero = torch.rand(numel, generator=g) >= 0.5
+    size = None if group is None else (numel if group == "module" else 4)
+    cap = None if size is None else regrowth.group_capacity(nonzero, torch.empty(0, dtype=torch.long), size)
+    idx = regrowth.grow(torch.rand(numel, generator=g), k, active=torch.empty(0), capacity=cap, group_size=size)
+    slots = regrowth.drop_slots(torch.randn(k, generator=g), n)
+    keep = torch.ones(k, dtype=torch.bool)
+    keep[slots] = False
+    cap = None if size is None else regrowth.group_capacity(nonzero, idx[keep], size)
+    scores = torch.rand(numel, generator=g)
+    before = scores.clone()
+    fast = regrowth._grow_candidates(scores.clone().index_fill_(0, idx, -1.0).index_fill_(0, idx[keep], -math.inf),
+                                     n, cap, size)
+    assert fast is not None, "the candidate path was not taken"
+    grown = regrowth.grow(scores, n, active=idx[keep], dropped=idx[slots], capacity=cap, group_size=size, scratch=True)
+    assert torch.equal(scores, before), "grow(scratch=True) did not restore the scores"
+    full = regrowth._grow_full(scores.clone(), n, idx[keep], idx[slots], cap, size)
+    assert set(grown.tolist()) == set(fast.tolist()) == set(full.tolist())
+    if size is None:
+        return
+    new = idx.clone()
+    new[slots] = grown
+    sens = torch.rand(numel, generator=g)
+    before = sens.clone()
+    partners = regrowth.assign_partners(nonzero, new, sens, size, scratch=True)
+    assert torch.equal(sens, before), "assign_partners(scratch=True) did not restore the sensitivity"
+    assert not torch.isin(partners[partners >= 0], new).any()
+    revived = ~nonzero[new]
+    assert ((partners >= 0) == revived).all() and nonzero[partners[revived]].all()
+    assert torch.equal(partners[revived] // size, new[revived] // size), "a partner outside its slot's group"
+    ref = sens.masked_fill(~nonzero, math.inf).index_fill_(0, new, math.inf)  # the old rule, ranking everything
+    if size == numel:
+        assert set(partners[revived].tolist()) == set(ref.topk(int(revived.sum()), largest=False).indices.tolist())
+    else:
+        order = torch.sort(ref.view(-1, size), dim=1, stable=True).indices
+        for p, i in zip(partners[revived].tolist(), new[revived].tolist()):
+            rank = int((new[revived] // size == i // size).sum())  # revived slots in the group take its lowest
+            assert p % size in order[i // size, :rank].tolist()
+
+
+def test_drop_ties_go_to_the_lower_slot_and_flat_nonzero():
+    values = torch.tensor([0.5, 0.0, 0.3, 0.0, -0.0, 0.0, 0.1])
+    assert sorted(regrowth.drop_slots(values, 3).tolist()) == [1, 3, 4]
+    assert sorted(regrowth.drop_slots(values, 5).tolist()) == [1, 3, 4, 5, 6]
+    g = torch.Generator().manual_seed(0)
+    for numel, density in [(4096, 0.005), (4096, 0.3), (4099, 0.01), (64, 0.1)]:
+        mask = torch.rand(numel, generator=g) < density
+        assert torch.equal(regrowth._flat_nonzero(mask, int(density * numel)), mask.nonzero().squeeze(1))
 
 
 def test_drop_and_grow_changes_indices_keeps_count_and_resets_optimizer():
@@ -369,6 +431,53 @@ def test_sft_trainer_with_only_peft_config_reselects(tmp_path):
     assert all(now[n][0].numel() == first[n][0].numel() for n in first)
     merged = model.merge_and_unload()
     assert all(int((linear_weight(m) != 0).sum()) == nnz[n] for n, m in prunable(merged).items())
+
+
+def _trainer_run(out_dir, max_steps, resume=None):
+    """A transformers.Trainer run of SpIEL-AG (reselect every 3 steps, 2 accumulation steps) on a sparse tiny Llama,
+    saving a checkpoint every 4 steps; returns the trainer and the global step of every reselection it ran."""
+    from transformers import Trainer, TrainingArguments
+
+    base = make_model("llama")
+    make_sparse(base)
+    torch.manual_seed(0)
+    model = get_peft_model(base, _spiel(reselection_steps=3, accumulation_steps=2, regrow_fraction=0.5))
+    data = [inputs("llama", batch=1, seed=s) for s in range(8)]
+    data = [{k: v[0] for k, v in d.items()} for d in data]
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=2,
+                             learning_rate=1e-2, save_steps=4, logging_steps=100, report_to=[], use_cpu=True,
+                             seed=0, save_only_model=False)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    reselected = []
+    tuner = model.base_model
+    orig = tuner._advance
+
+    def spy(name, optimizer, layers):
+        before = tuner.spiel_stats(name)["reselections"]
+        orig(name, optimizer, layers)
+        if tuner.spiel_stats(name)["reselections"] > before:
+            reselected.append(trainer.state.global_step + 1)  # global_step advances after optimizer.step()
+
+    tuner._advance = spy
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, reselected
+
+
+def test_trainer_resume_continues_the_reselection_schedule(tmp_path):
+    full, full_at = _trainer_run(tmp_path / "full", max_steps=8)
+    assert full_at == [3, 6] and full.model.base_model.spiel_stats()["step"] == 8
+    assert (tmp_path / "full" / "checkpoint-4").is_dir()
+    checkpoint = str(tmp_path / "full" / "checkpoint-4")
+    resumed, resumed_at = _trainer_run(tmp_path / "resumed", max_steps=8, resume=checkpoint)
+    stats = resumed.model.base_model.spiel_stats()
+    assert stats["step"] == resumed.state.global_step == 8, "the step counter restarted at 0 after resume"
+    assert resumed_at == [6], "the reselection schedule did not continue from the checkpoint's step"
+    assert stats["total_steps"] == 8
+    # the resumed run ends where the uninterrupted one did: same indices, same values (AG window of step 5 included)
+    want, got = _snapshot(full.model), _snapshot(resumed.model)
+    for n in want:
+        assert torch.equal(want[n][0], got[n][0]), f"{n}: indices differ from the uninterrupted run"
+        torch.testing.assert_close(got[n][1], want[n][1])
 
 
 # ----------------------------------------------------------------------------------------------------------- DDP

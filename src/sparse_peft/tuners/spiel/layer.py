@@ -34,63 +34,9 @@ SUPPORTED_LAYERS = LINEAR_TYPES
 INIT_STD = 0.1  # init_weights=False: values ~ N(0, INIT_STD^2)
 _NM_GROUPS = (4, 8, 16)  # M of the N:M patterns detected on SEFT bases (N <= M/2)
 
-_BLOCK_ELEMS = 1 << 22  # CPU fallback: at most 16 MB of fp32 dense gradient at a time
-
-
-def _gather_weight_grad_cpu(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """The SDDMM of :func:`sparse_peft.ops.gather_weight_grad` on CPU, through torch's ``sparse.sampled_addmm``.
-
-    Same function as the op, ``(grad_output^T @ input).flatten()[indices]`` in fp32, and no dense gradient at all. On
-    CPU it is much faster than the op's reference (gather-multiply-sum) and faster than a dense matmul + gather.
-    """
-    d_out, d_in = grad_output.shape[-1], input.shape[-1]
-    g = grad_output.reshape(-1, d_out).float()  # (T, d_out)
-    x = input.reshape(-1, d_in).float()  # (T, d_in)
-    idx = indices.long()
-    order = torch.argsort(idx)
-    sidx = idx[order]  # (k,) row-major order, as CSR wants
-    crow = torch.zeros(d_out + 1, dtype=torch.long)
-    crow[1:] = torch.bincount(sidx // d_in, minlength=d_out).cumsum(0)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            pattern = torch.sparse_csr_tensor(crow, sidx % d_in, torch.zeros(idx.numel()), size=(d_out, d_in),
-                                              check_invariants=False)
-            vals = torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x, beta=0.0).values()  # (k,)
-    except (RuntimeError, NotImplementedError):
-        return _gather_weight_grad_blocked(g, x, idx)
-    out = torch.empty_like(vals)
-    out[order] = vals
-    return out
-
-
-def _gather_weight_grad_blocked(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Fallback: a BLAS matmul over blocks of output rows, then a gather. ``g (T, d_out)``, ``x (T, d_in)``."""
-    d_out, d_in = g.shape[1], x.shape[1]
-    rows = max(1, _BLOCK_ELEMS // d_in)
-    if rows >= d_out:
-        return (g.t() @ x).view(-1)[idx]  # (k,)
-    order = torch.argsort(idx)
-    sidx = idx[order]  # (k,) sorted: each row block is a contiguous run
-    starts = torch.arange(0, d_out + rows, rows, device=idx.device) * d_in
-    bounds = torch.searchsorted(sidx, starts).tolist()
-    out = torch.empty(idx.numel(), dtype=torch.float32, device=g.device)
-    for b, r0 in enumerate(range(0, d_out, rows)):
-        s, e = bounds[b], bounds[b + 1]
-        if s < e:
-            block = g[:, r0 : r0 + rows].t() @ x  # (B, d_in) transient
-            out[order[s:e]] = block.view(-1)[sidx[s:e] - r0 * d_in]
-    return out
-
-
-# The two ops SpIEL needs, in one place. The value gradient goes through sparse_peft.ops (CUDA kernel) except on
-# CPU, where torch's sampled_addmm above is ~10x faster than the op's reference; when the op gets a fast CPU path,
-# make _gather_weight_grad = _ops.gather_weight_grad.
-def _gather_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    if grad_output.device.type == "cpu":
-        return _gather_weight_grad_cpu(grad_output, input, indices)
-    return _ops.gather_weight_grad(grad_output, input, indices)  # (k,) fp32
-
+# The value gradient is the SDDMM op of sparse_peft.ops on every device: the CUDA kernel where it is built, the
+# reference (torch's sampled_addmm on CPU) otherwise.
+_gather_weight_grad = _ops.gather_weight_grad  # (T, d_out), (T, d_in), (k,) -> (k,) fp32
 
 _scatter_add_ = _ops.scatter_add_delta_  # in place: weight.flat[idx] += alpha * values (fp32 sum, rounded once)
 
@@ -387,7 +333,8 @@ class SpielLayer(BaseTunerLayer):
 
     # ---- drop and grow ---------------------------------------------------------------------------------------
     def _scores(self, adapter: str, sync) -> Optional[torch.Tensor]:
-        """Growth scores over all positions, ``(numel,)`` fp32 (transient), or None without statistics."""
+        """Growth scores over all positions, ``(numel,)`` fp32, or None without statistics. A fresh tensor (AG's
+        accumulator is handed over), so the caller may overwrite it."""
         if self.spiel_selection[adapter] == "ag":
             acc = self._spiel_ag.pop(adapter, None)
             if acc is None:
@@ -418,26 +365,27 @@ class SpielLayer(BaseTunerLayer):
         decision identical on every rank: statistics are summed, and rank 0's indices are broadcast.
         """
         values, indices = self.spiel_values[adapter], self.spiel_indices[adapter]
-        scores = self._scores(adapter, sync)
+        scores = self._scores(adapter, sync)  # (numel,) ours: used as scratch space below
         if scores is None or n <= 0 or self.merged:
             return torch.empty(0, dtype=torch.long, device=values.device)
         slots = regrowth.drop_slots(values, n)  # (n,)
-        old = indices.long()
-        dropped = old[slots]
-        keep = torch.ones_like(old, dtype=torch.bool)
-        keep[slots] = False
+        old = indices.long()  # (k,)
+        dropped = old.index_select(0, slots)  # (n,)
+        kept = old[torch.ones_like(old, dtype=torch.bool).index_fill_(0, slots, False)]  # (k - n,)
         cap = group = None
         seft = self._seft(adapter)
         if seft:
             group = self.spiel_group[adapter]
-            nonzero = (self._linear_weight() != 0).reshape(-1)  # (numel,)
-            cap = regrowth.group_capacity(nonzero, old[keep], group)
-        new = regrowth.grow(scores, n, active=old[keep], dropped=dropped, capacity=cap, group_size=group)
-        indices[slots] = new.to(indices.dtype)
-        values.data[slots] = 0
+            weight = self._linear_weight().detach().reshape(-1)  # (numel,) a copy only for Conv1D
+            nonzero = weight.bool()  # (numel,) weight != 0 (a cast is much faster than the compare on CPU)
+            cap = regrowth.group_capacity(nonzero, kept, group)
+        new = regrowth.grow(scores, n, active=kept, dropped=dropped, capacity=cap, group_size=group, scratch=True)
+        indices.index_copy_(0, slots, new.to(indices.dtype))
+        values.data.index_fill_(0, slots, 0)
         if seft:
-            sens = self._linear_weight().detach().abs().float().reshape(-1) * scores  # |θ·∇θ| estimate
-            self.spiel_partners[adapter].copy_(regrowth.assign_partners(nonzero, indices, sens, group))
+            sens = torch.mul(scores, weight, out=scores).abs_()  # |θ·∇θ| estimate, in place
+            partners = regrowth.assign_partners(nonzero, indices, sens, group, scratch=True)
+            self.spiel_partners[adapter].copy_(partners)
         if sync is not None:
             sync.broadcast(indices)
             if seft:

@@ -5,7 +5,9 @@ installed once per process when a SpIEL adapter with ``auto_reselection=True`` i
 any ``torch.optim.Optimizer`` the hook checks whether the optimizer steps a SpIEL adapter's values; if so the adapter's
 step counter advances and, every ``reselection_steps`` steps, its indices are reselected. Accelerate's optimizer
 wrapper, gradient accumulation (the inner step runs once per update) and skipped fp16 steps (no inner step) all
-count correctly, because the hook sits on the inner torch optimizer. Custom loops can switch the hook off
+count correctly, because the hook sits on the inner torch optimizer. Under a ``transformers.Trainer`` the counter
+follows ``state.global_step`` (set at the first training forward of each ``train()`` call), so a run resumed from a
+checkpoint continues the schedule from the checkpoint's step. Custom loops can switch the hook off
 (``auto_reselection=False``) and call :func:`spiel_step` after ``optimizer.step()``.
 """
 
@@ -71,15 +73,14 @@ def _dist_sync() -> Optional[_DistSync]:
     return None
 
 
-def _trainer_max_steps() -> Optional[int]:
-    """``state.max_steps`` of the ``transformers.Trainer`` whose training loop is on the call stack, if any."""
+def _trainer_state():
+    """The ``TrainerState`` of the ``transformers.Trainer`` whose training loop is on the call stack, if any."""
     frame = sys._getframe(1)
     while frame is not None:
         obj = frame.f_locals.get("self")
         state = getattr(obj, "state", None)
-        max_steps = getattr(state, "max_steps", None)
-        if isinstance(max_steps, int) and max_steps > 0 and hasattr(obj, "create_optimizer"):
-            return max_steps
+        if isinstance(getattr(state, "global_step", None), int) and hasattr(obj, "create_optimizer"):
+            return state
         frame = frame.f_back
     return None
 
@@ -240,6 +241,11 @@ class SpielModel(BaseTuner):
         check_zero_fingerprints(model, state_dict, adapter_name, "spiel_fingerprint")
         return state_dict
 
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            self._follow_trainer()  # before this step's backward, which may have to collect AG statistics
+        return super().forward(*args, **kwargs)
+
     # ---- drop-and-grow ---------------------------------------------------------------------------------------
     def _layers(self, adapter_name: str) -> list[SpielLayer]:
         return [m for m in self.model.modules() if isinstance(m, SpielLayer) and adapter_name in m.spiel_values]
@@ -248,6 +254,38 @@ class SpielModel(BaseTuner):
         states = self.__dict__.setdefault("_spiel_states", {})
         return states.setdefault(adapter_name, dict(step=0, total_steps=None, resolved=False, reselections=0,
                                                      reselect_seconds=0.0, changed=0))
+
+    def _follow_trainer(self, names: Optional[Sequence[str]] = None) -> None:
+        """Align the step counters of SpIEL adapters with a ``transformers.Trainer`` run that just started.
+
+        The first time a training step runs under a new ``Trainer.train()`` call (a new ``TrainerState``), the
+        counter is set to ``state.global_step``: 0 for a fresh run, the checkpoint's step after
+        ``resume_from_checkpoint``. So the reselection schedule, the AG accumulation windows and the regrow decay
+        continue where the checkpoint left off. ``total_steps`` is read again from the new run (``state.max_steps``).
+        """
+        state = None
+        for name in names if names is not None else self.active_adapters:
+            config = self.peft_config.get(name)
+            if not isinstance(config, _cfg_cls()):
+                continue
+            st = self._state(name)
+            seen = st.get("trainer_state")
+            if state is None:
+                state = _trainer_state()
+                if state is None:
+                    return
+            if seen is not None and seen() is state:
+                continue
+            st["trainer_state"] = weakref.ref(state)
+            st["step"] = int(state.global_step)
+            max_steps = getattr(state, "max_steps", None)
+            st["total_steps"] = config.total_steps or (max_steps if isinstance(max_steps, int) and max_steps > 0
+                                                       else None)
+            st["resolved"] = True
+            if st["step"]:
+                logger.info("SpIEL adapter %r: the Trainer resumes at step %d; drop-and-grow continues from there.",
+                            name, st["step"])
+            self._arm_collection(name, config, st, self._layers(name))
 
     @staticmethod
     def _collect_next(config, step: int) -> bool:
@@ -289,6 +327,8 @@ class SpielModel(BaseTuner):
         config = self.peft_config[name]
         if not layers:
             return
+        if config.auto_reselection:  # the hook runs before the Trainer counts the step
+            self._follow_trainer([name])  # in case this run's forward did not pass through this model
         st = self._state(name)
         st["step"] += 1
         step = st["step"]
@@ -299,7 +339,7 @@ class SpielModel(BaseTuner):
             for layer in layers:
                 layer._ma_update(name, beta2)
         if not st["resolved"]:
-            st["total_steps"] = config.total_steps or _trainer_max_steps()
+            st["total_steps"] = config.total_steps
             st["resolved"] = True
             if st["total_steps"] is None and config.regrow_fraction > 0:
                 logger.info("SpIEL adapter %r: no total_steps and no Trainer found; regrow_fraction stays constant.", name)
@@ -317,6 +357,11 @@ class SpielModel(BaseTuner):
             st["reselections"] += 1
             st["changed"] += changed
             st["reselect_seconds"] += time.perf_counter() - t0
+        self._arm_collection(name, config, st, layers)
+
+    def _arm_collection(self, name: str, config, st: dict, layers: list[SpielLayer]) -> None:
+        """AG: switch |grad W| accumulation on or off for the next optimizer step (``st["step"] + 1``)."""
+        step = st["step"]
         collect = self._collect_next(config, step) and (
             st["total_steps"] is None
             or regrowth.regrow_fraction_at(_next_reselection(step + 1, config.reselection_steps),
