@@ -1,13 +1,18 @@
-"""Pruning benchmark: perplexity and wall time of magnitude / Wanda / SparseGPT, each followed by DSnoT.
+"""Pruning benchmark: perplexity and wall time of magnitude / Wanda / SparseGPT, each without and with DSnoT.
 
 SmolLM2-135M-Instruct (offline, see ``sparse_peft.embedded``), calibration windows from the train split of the
-Wikipedia summaries, perplexity on held-out articles; the same eval blocks for every method.
+Wikipedia summaries, perplexity on the first ``--eval-blocks`` held-out blocks; the same blocks for every row,
+dense included, and every row also shows its ratio to dense.
 
-    python benchmarks/pruning.py --out benchmarks/results/pruning.json
-    python benchmarks/pruning.py --nsamples 32 --eval-blocks 32 --patterns 50% --methods sparsegpt
+    python benchmarks/pruning.py --methods sparsegpt --patterns 50%     # the headline: SparseGPT + DSnoT at 50%
+    python benchmarks/pruning.py --out benchmarks/results/pruning.json  # every method, 50% and 2:4
 
-Each pruning run starts from the dense weights. "+dsnot" is :func:`sparse_peft.pruning.repair` applied to the
-pruned model just measured (its own calibration pass); its time is the repair alone.
+Each row starts from the dense weights. "+dsnot" is ``prune(..., repair=True)``: DSnoT runs on each layer right
+after SparseGPT (or Wanda, magnitude) pruned it, in the same calibration pass. Its ``prune_s`` is the time outside
+DSnoT and ``repair_s`` the time inside it, measured around each DSnoT call; ``seconds`` is the total.
+``--separate-repair`` instead runs :func:`sparse_peft.pruning.repair` afterwards (its own calibration pass).
+Wall times depend on the machine's load, so the JSON records the load average before and after each row and the
+process CPU time; perplexity does not.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
 from sparse_peft.embedded import load_smollm2, token_blocks, wiki_split
 from sparse_peft.evaluation import perplexity
 from sparse_peft.pruning import calibration_from_texts, dense_snapshot, prune, repair
+from sparse_peft.pruning.report import linear_weight, prunable_modules
 
 PATTERNS = {"50%": (0.5, None), "2:4": (None, "2:4")}
 
@@ -32,22 +40,55 @@ def parse_args():
     p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
     p.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--calib-texts", type=int, default=3000,
+                   help="draw calibration windows from the first N train articles (0: all of them)")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks of --seq-len tokens")
+    p.add_argument("--eval-blocks", type=int, default=128, help="held-out blocks of --seq-len tokens")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
-    p.add_argument("--no-repair", action="store_true", help="skip the DSnoT rows")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT's Hessian damping")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT's lazy-update block width")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
+                   help="per-layer sparsity (owl only applies to the 50%% pattern)")
+    p.add_argument("--per-block", action="store_true",
+                   help="true_sequential=False: each block's layers from the unpruned block's statistics")
+    p.add_argument("--no-repair", action="store_true", help="skip the +dsnot rows")
+    p.add_argument("--repair-only", action="store_true", help="skip the rows without DSnoT")
+    p.add_argument("--separate-repair", action="store_true",
+                   help="+dsnot = prune, then repair() in its own pass (instead of prune(..., repair=True))")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="benchmarks/results/pruning.json")
     return p.parse_args()
 
 
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def restore(model, dense):
     """Copy the dense weights back (pruning and repair only ever change prunable weights)."""
-    from sparse_peft.pruning.report import linear_weight, prunable_modules
-
     with torch.no_grad():
         for name, module in prunable_modules(model).items():
             linear_weight(module).copy_(dense[name])
+
+
+@contextmanager
+def timed_dsnot():
+    """Accumulate the wall time spent inside DSnoT's per-layer calls of ``prune(..., repair=True)``."""
+    prune_module = sys.modules["sparse_peft.pruning.prune"]  # the package exports the function under that name
+    original, spent = prune_module.dsnot_layer, [0.0]
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    prune_module.dsnot_layer = wrapper
+    try:
+        yield spent
+    finally:
+        prune_module.dsnot_layer = original
 
 
 def main():
@@ -56,48 +97,64 @@ def main():
         torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2(torch.float32)
     train_texts, eval_texts = wiki_split(eval_fraction=0.1, seed=0)
-    calib = calibration_from_texts(tokenizer, train_texts[:3000], args.nsamples, args.seq_len, seed=0)
+    calib_texts = train_texts[: args.calib_texts] if args.calib_texts else train_texts
+    calib = calibration_from_texts(tokenizer, calib_texts, args.nsamples, args.seq_len, seed=0)
     eval_ids = token_blocks(tokenizer, eval_texts, args.seq_len, max_blocks=args.eval_blocks)
     dense = dense_snapshot(model)
+    options = dict(blocksize=args.blocksize, percdamp=args.percdamp, true_sequential=not args.per_block,
+                   batch_size=args.batch_size)
     rows = []
-
     meta = {"model": "SmolLM2-135M-Instruct (fp32)", "nsamples": args.nsamples, "seq_len": args.seq_len,
-            "eval_blocks": int(eval_ids.shape[0]), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "platform": platform.platform(),
-            "note": "+dsnot seconds = prune + repair; repair_seconds = repair alone"}
+            "calib_texts": len(calib_texts), "eval_blocks": int(eval_ids.shape[0]), "allocation": args.allocation,
+            **options, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "platform": platform.platform(), "load_average_start": load_average(),
+            "note": "seconds = prune_s + repair_s (wall); cpu_s = process CPU time; load = 1/5/15-min load average "
+                    "before and after the row"}
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
-    def record(label, pattern, ppl, seconds, sparsity, **extra):
-        rows.append({"method": label, "pattern": pattern, "ppl": ppl, "seconds": seconds, "sparsity": sparsity,
-                     **extra})
-        print(f"{label:<18} {pattern:>5}  ppl {ppl:8.2f}  time {seconds:7.1f} s  sparsity {sparsity:.2%}", flush=True)
+    def record(label, pattern, prune_s, repair_s, cpu_s, sparsity, load_before):
+        ppl = perplexity(model, eval_ids, progress=False)
+        ratio = ppl / rows[0]["ppl"] if rows else 1.0
+        rows.append({"method": label, "pattern": pattern, "ppl": ppl, "ratio_to_dense": ratio,
+                     "prune_s": prune_s, "repair_s": repair_s, "seconds": prune_s + repair_s, "cpu_s": cpu_s,
+                     "sparsity": sparsity, "load_before": load_before, "load_after": load_average()})
+        print(f"{label:<18} {pattern:>5}  ppl {ppl:8.2f}  {ratio:5.2f}x dense  prune {prune_s:6.1f} s  "
+              f"repair {repair_s:6.1f} s  total {prune_s + repair_s:6.1f} s  (cpu {cpu_s:6.1f} s, "
+              f"load {load_before[0]:.1f})  sparsity {sparsity:.2%}", flush=True)
         save()  # partial results survive an interrupted run
 
-    record("dense", "-", perplexity(model, eval_ids, progress=False), 0.0, 0.0)
+    record("dense", "-", 0.0, 0.0, 0.0, 0.0, load_average())
     for pattern in args.patterns:
         sparsity, nm = PATTERNS[pattern]
+        allocation = args.allocation if nm is None else "uniform"
         for method in args.methods:
-            restore(model, dense)
-            start = time.perf_counter()
-            report = prune(model, method, sparsity, nm, calib, batch_size=args.batch_size)
-            pruned_s = time.perf_counter() - start
-            record(method, pattern, perplexity(model, eval_ids, progress=False), pruned_s, report.sparsity)
-            if args.no_repair:
-                continue
-            start = time.perf_counter()
-            report = repair(model, calib, dense, nm, batch_size=args.batch_size)
-            repair_s = time.perf_counter() - start
-            assert nm is None or report.nm_valid
-            record(f"{method}+dsnot", pattern, perplexity(model, eval_ids, progress=False), pruned_s + repair_s,
-                   report.sparsity, repair_seconds=repair_s)
+            variants = ([] if args.repair_only else [False]) + ([] if args.no_repair else [True])
+            for with_repair in variants:
+                restore(model, dense)
+                load_before, cpu0, start = load_average(), time.process_time(), time.perf_counter()
+                inline = with_repair and not args.separate_repair
+                with timed_dsnot() as dsnot_s:
+                    report = prune(model, method, sparsity, nm, calib, allocation=allocation, repair=inline,
+                                   **options)
+                total = time.perf_counter() - start
+                prune_s, repair_s = total - dsnot_s[0], dsnot_s[0]
+                if with_repair and args.separate_repair:
+                    start = time.perf_counter()
+                    report = repair(model, calib, dense, nm, batch_size=args.batch_size)
+                    repair_s = time.perf_counter() - start
+                assert nm is None or report.nm_valid
+                label = f"{method}+dsnot" if with_repair else method
+                record(label, pattern, prune_s, repair_s, time.process_time() - cpu0, report.sparsity, load_before)
 
-    print("\n| method | pattern | perplexity | wall time (s) |\n|---|---|---|---|")
+    print("\n| method | pattern | perplexity | × dense | prune (s) | repair (s) | total (s) |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['seconds']:.0f} |")
+        print(f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['ratio_to_dense']:.2f} | {r['prune_s']:.0f} | "
+              f"{r['repair_s']:.0f} | {r['seconds']:.0f} |")
+    meta["load_average_end"] = load_average()
     save()
     print(f"wrote {args.out}")
 

@@ -22,8 +22,8 @@ from sparse_peft.pruning import (
     sparsity_report,
 )
 from sparse_peft.pruning.allocation import owl_block_sparsities
-from sparse_peft.pruning.calibration import InputStats, decoder_layers
-from sparse_peft.pruning.criteria import split_evenly
+from sparse_peft.pruning.calibration import InputStats, decoder_layers, run_sequential
+from sparse_peft.pruning.criteria import layer_mask, row_mask, split_evenly
 from sparse_peft.pruning.dsnot import dsnot_layer
 from sparse_peft.pruning.report import linear_weight, prunable_modules
 
@@ -197,11 +197,30 @@ def test_repair_model_keeps_rows_and_lowers_error(pattern):
     assert err(after_w) < err(before_w)
 
 
+@pytest.mark.parametrize("true_sequential", [True, False])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_prune_with_inline_repair(method):
+def test_prune_with_inline_repair(method, true_sequential):
     model = make_model("llama")
-    report = prune(model, method, None, "2:4", calib(), repair=True, progress=False)
+    report = prune(model, method, None, "2:4", calib(), repair=True, true_sequential=true_sequential,
+                   progress=False)
     assert report.nm_valid and report.sparsity == 0.5
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_inline_repair_lowers_block_error(method):
+    """Inline DSnoT after each layer: rows keep their zero counts, and block 0 (same inputs) ends closer to dense."""
+    data = calib(16, 16)
+    base = correlated_model()
+    dense = weights(base)
+    x = block_inputs(base, 0, data)
+    plain, repaired = correlated_model(), correlated_model()
+    prune(plain, method, 0.5, calibration_data=data, true_sequential=False, progress=False)
+    prune(repaired, method, 0.5, calibration_data=data, true_sequential=False, repair=True, progress=False)
+    wp, wr = weights(plain), weights(repaired)
+    for name in wp:
+        assert torch.equal((wp[name] == 0).sum(1), (wr[name] == 0).sum(1)), name
+    err = lambda w: sum(reconstruction_error(dense[n], w[n], x[n].t() @ x[n]) for n in x)
+    assert err(wr) <= err(wp)
 
 
 # ---------------------------------------------------------------- sequential calibration
@@ -220,6 +239,116 @@ def test_block_k_sees_pruned_outputs_of_block_k_minus_1():
     after = block_inputs(model, 1, data)[next(n for n in prunable_modules(model) if "layers.1.self_attn.q" in n)]
     torch.testing.assert_close(during, after)  # block 0 was already pruned when block 1 was calibrated
     assert not torch.allclose(during, dense_input, atol=1e-4)
+
+
+def _magnitude_per_layer(index, modules, stats):
+    """A ``process`` for :func:`run_sequential` that halves each layer by magnitude."""
+    for module in modules.values():
+        w = linear_weight(module)
+        w.mul_(row_mask(w.abs(), w.numel() // 2))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_per_layer_stats_see_the_pruned_layers_before(family):
+    """true_sequential: each layer's statistics are those of its inputs in the final pruned model."""
+    data = calib(8, 16)
+    model = make_model(family)
+    seen, order = {}, []
+
+    def process(index, modules, stats):
+        assert len(modules) == 1  # one layer at a time
+        (name,) = modules
+        seen[name] = stats[name].sq_sum.clone()
+        order.append(name)
+        _magnitude_per_layer(index, modules, stats)
+
+    run_sequential(model, data, process, per_layer=True, batch_size=3, progress=False)  # batches of 3, 3, 2
+    assert order == list(prunable_modules(model))  # call order: q, k, v, o, gate, up, down (Llama)
+    for b in range(len(decoder_layers(model))):
+        for name, xi in block_inputs(model, b, data).items():
+            torch.testing.assert_close(seen[name], (xi.float() ** 2).sum(0), rtol=1e-4, atol=1e-5)
+
+
+def test_per_block_stats_come_from_the_unpruned_block():
+    """true_sequential=False: a block's later layers are calibrated on the unpruned block's activations."""
+    data = calib(8, 16)
+    model = make_model("llama")
+    seen = {}
+
+    def process(index, modules, stats):
+        seen.update({n: s.sq_sum.clone() for n, s in stats.items()})
+        _magnitude_per_layer(index, modules, stats)
+
+    run_sequential(model, data, process, per_layer=False, batch_size=3, progress=False)
+    down = next(n for n in seen if "layers.0.mlp.down_proj" in n)
+    after = block_inputs(model, 0, data)[down]
+    assert not torch.allclose(seen[down], (after.float() ** 2).sum(0), rtol=1e-3)
+
+
+def test_per_layer_error_propagates_and_threads_end():
+    import threading
+
+    model = make_model("llama")
+    before = threading.active_count()
+    calls = []
+
+    def process(index, modules, stats):
+        calls.append(index)
+        if len(calls) == 3:
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        run_sequential(model, calib(8, 16), process, per_layer=True, batch_size=2, progress=False)
+    assert threading.active_count() == before  # every batch thread was unwound
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_true_sequential_false_keeps_exact_sparsity(method):
+    model = make_model("qwen3")
+    report = prune(model, method, 0.5, calibration_data=calib(), true_sequential=False, progress=False)
+    assert all(row.zeros == round(0.5 * row.numel) for row in report.modules)
+
+
+def test_masks_match_stable_sort_with_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (7, 12), generator=g).float()  # many ties
+    for count in [0, 5, 41, 42, 83, 84]:
+        order = torch.sort(scores.reshape(-1), stable=True).indices
+        expect = torch.ones(scores.numel(), dtype=torch.bool)
+        expect[order[:count]] = False
+        assert torch.equal(layer_mask(scores, count), expect.reshape(scores.shape))
+        per_row = split_evenly(count, [1] * 7)
+        keep = row_mask(scores, count)
+        for r in range(7):
+            order = torch.sort(scores[r], stable=True).indices
+            assert torch.equal(keep[r].nonzero().flatten().sort().values, order[per_row[r]:].sort().values)
+
+
+def test_input_stats_hessian_in_pieces():
+    g = torch.Generator().manual_seed(0)
+    stats = InputStats(want_hessian=True, want_sum=True)
+    xs = [torch.randn(40, 3, 400, generator=g) for _ in range(3)]  # (batch, seq, d_in): 400 spans 3 blocks
+    for i, x in enumerate(xs):
+        stats.add(x)
+        flat = torch.cat(xs[: i + 1]).reshape(-1, 400)  # (T, d_in)
+        torch.testing.assert_close(stats.hessian, flat.t() @ flat, rtol=1e-5, atol=1e-3)  # read between adds too
+    assert torch.equal(stats.hessian, stats.hessian.t()) and stats.count == 360
+    torch.testing.assert_close(stats.mean, flat.mean(0))
+
+
+def test_inverse_hessian_factor():
+    from sparse_peft.pruning.sparsegpt import hessian_factor
+
+    _, stats = _layer_case(d_in=24)
+    h = stats.hessian.clone()
+    h[3] = 0
+    h[:, 3] = 0  # a dead input
+    u, dead = hessian_factor(h, percdamp=0.01)
+    assert dead.tolist() == [i == 3 for i in range(24)]
+    assert torch.equal(u, u.triu()) and (u.diagonal() > 0).all()
+    h[3, 3] = 1
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(24)
+    torch.testing.assert_close(u.t() @ u @ damped, torch.eye(24), atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- OWL

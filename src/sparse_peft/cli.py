@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=None, help="fraction in [0, 1); default 0.5 (implied by --pattern)")
     p.add_argument("--pattern", default=None, help="N:M pattern such as 2:4")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"])
-    p.add_argument("--repair", action="store_true", help="run DSnoT after pruning each block")
+    p.add_argument("--repair", action="store_true", help="run DSnoT on each layer right after pruning it (same pass)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration sequences")
     p.add_argument("--out", required=True)
 

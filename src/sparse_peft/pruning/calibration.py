@@ -1,16 +1,26 @@
 """Calibration data and the sequential, block-by-block calibration pass.
 
 :func:`run_sequential` captures what the first decoder block receives (hidden states plus keyword arguments such
-as the attention mask and rotary position embeddings), then walks the blocks in order. For each block it runs the
-calibration inputs once with hooks that collect input statistics of its linear layers, lets a callback prune or
-repair the block, and runs the inputs again through the *modified* block to get the next block's inputs. Only one
-block's inputs and outputs are alive at a time.
+as the attention mask and rotary position embeddings), then walks the blocks in order, keeping only one block's
+inputs and outputs alive at a time. Within a block it works in one of two ways:
+
+- ``per_layer=False`` (block at a time, the SparseGPT/Wanda papers' protocol): run the calibration inputs once with
+  hooks that collect input statistics of the block's linear layers, let a callback prune or repair the whole block,
+  then run the inputs again through the *modified* block to get the next block's inputs (two forwards per block).
+- ``per_layer=True`` (layer at a time, GPTQ's "true sequential"): run every calibration batch through the block
+  together, pausing all of them before each linear layer; once every batch has reached the layer, its input
+  statistics are complete and a callback prunes it, then the batches go on through the pruned layer. Each layer is
+  calibrated on inputs that already went through the pruned layers before it, and the block's outputs come out of
+  the same single forward. The batches run as threads that take turns (one runs at a time), so this needs no
+  knowledge of the block's code.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -101,6 +111,15 @@ def block_modules(model: nn.Module, block: nn.Module) -> dict[str, nn.Module]:
 # ---------------------------------------------------------------- input statistics
 
 
+_GRAM_BLOCK = 192  # column block of the Hessian accumulation (see InputStats.add)
+
+
+def _gram_blocks(d_in: int) -> list[int]:
+    """Boundaries of the column blocks of a ``(d_in, d_in)`` Hessian."""
+    parts = max(1, -(-d_in // _GRAM_BLOCK))
+    return [d_in * i // parts for i in range(parts + 1)]
+
+
 @dataclass
 class InputStats:
     """Running statistics of one linear layer's inputs over calibration tokens (fp32)."""
@@ -108,9 +127,10 @@ class InputStats:
     count: int = 0
     sq_sum: Optional[torch.Tensor] = None  # (d_in,) sum_t x_tj^2  (Wanda's ||X_j||^2)
     sum: Optional[torch.Tensor] = None  # (d_in,) sum_t x_tj     (DSnoT's mean)
-    hessian: Optional[torch.Tensor] = None  # (d_in, d_in) sum_t x_t x_t^T  (SparseGPT, DSnoT's error)
     want_hessian: bool = False
     want_sum: bool = False
+    _gram: Optional[torch.Tensor] = field(default=None, repr=False)  # (d_in, d_in); add() fills the upper blocks
+    _mirrored: bool = field(default=True, repr=False)  # whether the lower blocks mirror the upper ones
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (T, d_in)
@@ -118,13 +138,26 @@ class InputStats:
             d_in = x.shape[1]
             self.sq_sum = x.new_zeros(d_in)
             self.sum = x.new_zeros(d_in) if self.want_sum else None
-            self.hessian = x.new_zeros(d_in, d_in) if self.want_hessian else None
+            self._gram = x.new_zeros(d_in, d_in) if self.want_hessian else None
         self.count += x.shape[0]
         self.sq_sum += (x * x).sum(0)
         if self.sum is not None:
             self.sum += x.sum(0)
-        if self.hessian is not None:
-            self.hessian.addmm_(x.t(), x)
+        if self._gram is not None:  # X^T X is symmetric: only the block rows right of the diagonal (~60% flops)
+            bounds = _gram_blocks(x.shape[1])
+            for b0, b1 in zip(bounds[:-1], bounds[1:]):
+                self._gram[b0:b1, b0:].addmm_(x[:, b0:b1].t(), x[:, b0:])  # (B, d_in - b0)
+            self._mirrored = False
+
+    @property
+    def hessian(self) -> Optional[torch.Tensor]:
+        """``(d_in, d_in)``: ``sum_t x_t x_t^T`` (SparseGPT, DSnoT's error); ``None`` unless ``want_hessian``."""
+        if self._gram is not None and not self._mirrored:
+            bounds = _gram_blocks(self._gram.shape[0])
+            for b0, b1 in zip(bounds[:-1], bounds[1:]):
+                self._gram[b0:b1, :b0] = self._gram[:b0, b0:b1].t()  # mirror the blocks above the diagonal
+            self._mirrored = True
+        return self._gram
 
     @property
     def mean(self) -> torch.Tensor:
@@ -228,18 +261,199 @@ def _block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _Abort(Exception):
+    """Raised inside a paused batch to unwind it when the pass fails elsewhere."""
+
+
+class _LayerByLayer:
+    """One block's forward over every cached batch, paused before each prunable layer until all batches arrive.
+
+    Each batch runs in its own thread, and a baton lets exactly one of them run at a time, so the block's code runs
+    unchanged, one batch at a time, as in a plain loop. A forward pre-hook on each prunable module records the
+    input's statistics and parks the batch there. When every unfinished batch is parked, the main thread calls
+    ``on_layer(name, stats)`` for the layer they wait at (which may change its weights), then lets them through.
+    Layers fed the same tensor (q/k/v, gate/up) share one :class:`InputStats` and are processed one after another.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], want_hessian: bool, want_sum: bool):
+        self.modules = modules
+        self.want_hessian, self.want_sum = want_hessian, want_sum
+        self.stats: dict[str, InputStats] = {}
+        self.processed: set[str] = set()
+        self._cond = threading.Condition()
+        self._turn: Optional[int] = None  # the batch allowed to run; None = the main thread's turn
+        self._abort = False
+        self._local = threading.local()
+
+    # ---- worker side (runs in the batch threads)
+
+    def _pre_hook(self, name: str) -> Callable:
+        def hook(module, args):
+            i = getattr(self._local, "index", None)
+            if i is None or name in self.processed:
+                return  # not one of our batches, or a repeat call after the layer was already processed
+            x = args[0]  # (..., d_in)
+            last_x, last_stats = self._last[i]
+            if name not in self.stats:  # first batch to reach it: a sibling of the layer just before, or new
+                shared = last_stats if last_x is x else None
+                self.stats[name] = shared or InputStats(want_hessian=self.want_hessian, want_sum=self.want_sum)
+            stats = self.stats[name]
+            if not (last_x is x and last_stats is stats):  # a sibling already counted this tensor
+                stats.add(x)
+            self._last[i] = (x, stats)
+            self._park(i, name)
+
+        return hook
+
+    def _park(self, i: int, name: str) -> None:
+        with self._cond:
+            self._state[i], self._where[i], self._turn = "parked", name, None
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._turn == i)
+            self._state[i] = "running"
+        if self._abort:
+            raise _Abort
+
+    def _work(self, i: int, block: nn.Module, batch: tuple, num_threads: int, grad: bool) -> None:
+        self._local.index = i
+        torch.set_num_threads(num_threads)  # the intra-op setting is per thread under OpenMP
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == i)
+            self._state[i] = "running"
+        try:
+            if not self._abort:
+                hidden, args, kwargs = batch
+                with torch.set_grad_enabled(grad):
+                    self._outputs[i] = _block_output(block(hidden, *args, **kwargs))
+        except _Abort:
+            pass
+        except BaseException as err:  # re-raised by the main thread
+            self._errors.append(err)
+        finally:
+            with self._cond:
+                self._state[i], self._turn = "done", None
+                self._cond.notify_all()
+
+    # ---- main side
+
+    def _run(self, i: int) -> None:
+        """Hand the baton to batch ``i`` and wait until it parks or finishes."""
+        with self._cond:
+            self._turn = i
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._turn is None)
+        if self._errors:
+            raise self._errors[0]
+
+    def forward(self, block: nn.Module, cache: list, on_layer: Callable[[str, InputStats], None]) -> list:
+        """Run ``block`` on every ``(hidden, args, kwargs)`` of ``cache``; return the outputs, in order."""
+        n = len(cache)
+        self._state, self._where = ["ready"] * n, [None] * n
+        self._outputs, self._errors = [None] * n, []
+        self._last: list[tuple] = [(None, None)] * n
+        num_threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+        threads = [threading.Thread(target=self._work, args=(i, block, cache[i], num_threads, grad), daemon=True,
+                                    name=f"sparse_peft-calib-{i}") for i in range(n)]
+        handles = [m.register_forward_pre_hook(self._pre_hook(name)) for name, m in self.modules.items()]
+        try:
+            for t in threads:
+                t.start()
+            for i in range(n):
+                self._run(i)
+            while True:
+                parked = [i for i in range(n) if self._state[i] == "parked"]
+                if not parked:
+                    break
+                name = self._where[parked[0]]  # every batch waits at the same layer in a plain decoder block
+                on_layer(name, self.stats[name])
+                self.processed.add(name)
+                for i in parked:
+                    if self._where[i] == name:
+                        self._run(i)
+        except BaseException:
+            self._abort = True
+            for i in range(n):
+                if self._state[i] != "done":
+                    with self._cond:
+                        self._turn = i
+                        self._cond.notify_all()
+                        self._cond.wait_for(lambda: self._turn is None)
+            raise
+        finally:
+            for h in handles:
+                h.remove()
+            for t in threads:
+                t.join()
+        missed = [name for name in self.modules if name not in self.processed]
+        if missed:
+            raise RuntimeError(f"{missed[:3]} were never called by their block's forward, so per_layer calibration "
+                               "could not process them; pass per_layer=False (or true_sequential=False to prune).")
+        return self._outputs
+
+
+@contextmanager
+def _openmp_companion(device: torch.device) -> Iterator[None]:
+    """Keep one idle OpenMP master thread alive for the duration (CPU only; a no-op elsewhere).
+
+    GNU OpenMP (torch's CPU backend) lets its threads spin-wait at every barrier for a long time while the process
+    has no more OpenMP threads than cores, and only briefly (then sleep) when it has more. On a shared CPU whose
+    cores other processes keep busy, the long spins steal the core from the thread doing the work: the small ops of a
+    block's forward ran up to 10x slower on the main thread of our 2-core machine, and a whole block-at-a-time
+    pruning pass about 2x slower, than with this companion thread alive. On an idle machine it costs nothing
+    measurable.
+    """
+    if device.type != "cpu" or torch.get_num_threads() < 2:
+        yield
+        return
+    started, stop = threading.Event(), threading.Event()
+
+    def companion():
+        torch.ones(1 << 17).mul_(2).sum()  # large enough to open a parallel region: this thread gets a team
+        started.set()
+        stop.wait()
+
+    thread = threading.Thread(target=companion, daemon=True, name="sparse_peft-openmp-companion")
+    thread.start()
+    started.wait()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 BlockFn = Callable[[int, dict[str, nn.Module], dict[str, InputStats]], Optional[bool]]
+
+
+def _calibrate_block(block: nn.Module, modules: dict[str, nn.Module], cache: list, process: Callable, *,
+                     per_layer: bool, want_hessian: bool, want_sum: bool, need_outputs: bool) -> list:
+    """Collect statistics of one block, let ``process`` change it, and return its outputs for every cached batch."""
+    if per_layer:
+        runner = _LayerByLayer(modules, want_hessian, want_sum)
+        return runner.forward(block, cache, lambda name, stats: process({name: modules[name]}, {name: stats}))
+    outputs = []
+    with _Collector(modules, want_hessian, want_sum) as collector:
+        for hidden, args, kwargs in cache:
+            collector.new_batch()
+            outputs.append(_block_output(block(hidden, *args, **kwargs)))
+    changed = process(modules, collector.stats)
+    if changed is not False and need_outputs:  # run the changed block again for the next block's inputs
+        outputs = [_block_output(block(h, *a, **kw)) for h, a, kw in cache]
+    return outputs
 
 
 @torch.no_grad()
 def run_sequential(model: nn.Module, calibration_data, process: BlockFn, *, want_hessian: bool = False,
-                   want_sum: bool = False, batch_size: int = 8, device=None, progress: bool = True,
-                   desc: str = "calibrating") -> None:
+                   want_sum: bool = False, per_layer: bool = False, batch_size: int = 8, device=None,
+                   progress: bool = True, desc: str = "calibrating") -> None:
     """Walk the decoder blocks in order; ``process(index, modules, stats)`` may change the block's weights.
 
-    ``process`` returns ``False`` when it left the block unchanged, so the outputs of the statistics pass are
-    reused instead of running the block again. With ``device`` set (e.g. ``"cuda"`` for a CPU-resident model),
-    each block moves there for its turn and back afterwards.
+    With ``per_layer=False``, ``process`` gets each block's prunable modules at once, with statistics from the
+    block as it was; it returns ``False`` when it left the block unchanged, so the outputs of the statistics pass
+    are reused instead of running the block again. With ``per_layer=True``, ``process`` gets one module at a time
+    (``modules`` and ``stats`` hold just that layer), in the block's call order, with statistics of inputs that
+    went through the already processed layers before it; the block then runs once. With ``device`` set (e.g.
+    ``"cuda"`` for a CPU-resident model), each block moves there for its turn and back afterwards.
     """
     layers = decoder_layers(model)
     batches = iter_batches(calibration_data, batch_size)
@@ -248,19 +462,15 @@ def run_sequential(model: nn.Module, calibration_data, process: BlockFn, *, want
     was_training = model.training
     model.eval()
     try:
-        cache = capture_block_inputs(model, layers, batches, device)
-        for index, block in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
-            block.to(device)
-            modules = block_modules(model, block)
-            outputs = []
-            with _Collector(modules, want_hessian, want_sum) as collector:
-                for hidden, args, kwargs in cache:
-                    collector.new_batch()
-                    outputs.append(_block_output(block(hidden, *args, **kwargs)))
-            changed = process(index, modules, collector.stats)
-            if changed is not False:
-                outputs = [_block_output(block(h, *a, **kw)) for h, a, kw in cache]
-            cache = [(out, a, kw) for out, (_, a, kw) in zip(outputs, cache)]
-            block.to(home)
+        with _openmp_companion(device):
+            cache = capture_block_inputs(model, layers, batches, device)
+            for index, block in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
+                block.to(device)
+                outputs = _calibrate_block(block, block_modules(model, block), cache,
+                                           lambda modules, stats: process(index, modules, stats),
+                                           per_layer=per_layer, want_hessian=want_hessian, want_sum=want_sum,
+                                           need_outputs=index < len(layers) - 1)
+                cache = [(out, a, kw) for out, (_, a, kw) in zip(outputs, cache)]
+                block.to(home)
     finally:
         model.train(was_training)

@@ -45,14 +45,29 @@ def wanda_scores(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tens
     return weight.detach().float().abs() * input_sq_sum.float().clamp_min(0).sqrt().reshape(1, -1)  # (d_out, d_in)
 
 
+def _drop_lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Drop mask ``(rows, n)`` marking the ``counts[r]`` lowest scores of each row; ties: lower index first.
+
+    A k-th value threshold per distinct count (one selection pass, no sort): everything below the threshold goes,
+    then the first tied entries fill the count exactly, the same choice a stable sort would make.
+    """
+    thresholds = torch.full(counts.shape, -torch.inf, dtype=scores.dtype, device=scores.device)  # (rows,)
+    for k in torch.unique(counts).tolist():
+        if k > 0:
+            kth = scores.kthvalue(min(k, scores.shape[1]), dim=1).values  # (rows,)
+            thresholds = torch.where(counts == k, kth, thresholds)
+    thr = thresholds.unsqueeze(1)  # (rows, 1)
+    below = scores < thr
+    tied = scores == thr
+    need = (counts - below.sum(1)).unsqueeze(1)  # (rows, 1): tied entries still to drop
+    return below | (tied & (tied.cumsum(1) <= need))
+
+
 def layer_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Keep mask dropping exactly the ``count`` lowest scores of the whole layer (ties: lower flat index first)."""
-    flat = scores.reshape(-1)
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    if count > 0:
-        order = torch.sort(flat, stable=True).indices  # (numel,)
-        keep[order[:count]] = False
-    return keep.reshape(scores.shape)
+    flat = scores.reshape(1, -1)  # (1, numel)
+    counts = torch.tensor([min(max(count, 0), flat.shape[1])], device=scores.device)
+    return ~_drop_lowest(flat, counts).reshape(scores.shape)
 
 
 def row_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -62,12 +77,8 @@ def row_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     multiple of ``d_out`` (e.g. 50% of an even ``d_in``).
     """
     d_out, d_in = scores.shape
-    per_row = torch.tensor(split_evenly(count, [1] * d_out), device=scores.device)  # (d_out,)
-    order = torch.sort(scores, dim=1, stable=True).indices  # (d_out, d_in)
-    ranks_pruned = torch.arange(d_in, device=scores.device).unsqueeze(0) < per_row.unsqueeze(1)  # (d_out, d_in)
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    keep.scatter_(1, order, ~ranks_pruned)
-    return keep
+    per_row = torch.tensor(split_evenly(count, [1] * d_out), device=scores.device).clamp(0, d_in)  # (d_out,)
+    return ~_drop_lowest(scores, per_row)
 
 
 def select_mask(scores: torch.Tensor, count: int, nm: tuple[int, int] | None, per_row: bool) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch.nn as nn
 from ..masks import parse_nm
 from .calibration import InputStats, run_sequential
 from .report import SparsityReport, linear_weight, prunable_modules, sparsity_report
+from .sparsegpt import _cpu_threads
 
 _OBJECTIVES = ("mse", "mean")
 
@@ -66,7 +67,16 @@ def dsnot_layer(
     var_power: float = 1.0,
     objective: str = "mse",
 ) -> torch.Tensor:
-    """Return the repaired weight (fp32, ``(d_out, d_in)``); zeros of ``weight`` are its pruned entries."""
+    """Return the repaired weight (fp32, ``(d_out, d_in)``); zeros of ``weight`` are its pruned entries.
+
+    On CPU it runs on one intra-op thread, like SparseGPT's sweep: its tensors are small, and on our shared 2-core
+    machine two threads were no faster (load 2) and much slower when other processes kept both cores busy.
+    """
+    with _cpu_threads(weight.device):
+        return _dsnot_layer(w_dense, weight, stats, nm, max_cycles, var_power, objective)
+
+
+def _dsnot_layer(w_dense, weight, stats, nm, max_cycles, var_power, objective) -> torch.Tensor:
     wd = w_dense.detach().float()  # (d_out, d_in)
     w = weight.detach().float()  # (d_out, d_in)
     keep = w != 0
@@ -89,6 +99,10 @@ def dsnot_layer(
     eps_t = torch.cat([eps, eps + step.cumsum(1)], 1)  # (d_out, K+1) eps after t swaps
     ok = valid & (sign * eps_t[:, :-1] > 0)  # a swap is allowed while eps has not changed sign
     allowed = torch.cat([torch.ones_like(eps, dtype=torch.bool), ok.cumprod(1).bool()], 1)  # (d_out, K+1)
+    K = int(allowed.sum(1).max()) - 1  # no row may go past K swaps: cost only those prefixes
+    if K == 0:
+        return w.clone()
+    g, p, valid, allowed, eps_t = g[:, :K], p[:, :K], valid[:, :K], allowed[:, : K + 1], eps_t[:, : K + 1]
     if objective == "mean" or stats.hessian is None:
         cost = eps_t.abs()
     else:

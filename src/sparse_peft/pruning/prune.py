@@ -13,7 +13,7 @@ from .calibration import block_modules, decoder_layers, run_sequential
 from .criteria import magnitude_scores, prune_count, select_mask, wanda_scores
 from .dsnot import check_objective, dsnot_layer
 from .report import SparsityReport, linear_weight, prunable_modules, sparsity_report
-from .sparsegpt import sparsegpt_prune
+from .sparsegpt import hessian_factor, sparsegpt_prune
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ALLOCATIONS = ("uniform", "owl")
@@ -95,6 +95,7 @@ def prune(
     repair: bool = False,
     repair_cycles: int = 50,
     repair_objective: str = "mse",
+    true_sequential: bool = True,
     batch_size: int = 8,
     device=None,
     progress: bool = True,
@@ -113,8 +114,14 @@ def prune(
         allocation: ``"uniform"`` or ``"owl"`` (outlier-weighted per-block sparsity; global count exact).
         owl_threshold, owl_lambda: OWL's outlier threshold M (times the mean score) and sparsity spread lambda.
         blocksize, percdamp: SparseGPT's lazy-update block width and Hessian damping (fraction of mean diagonal).
-        repair: also run DSnoT on each block right after pruning it (same statistics, no extra pass).
+        repair: also run DSnoT (:func:`repair`) on each layer right after pruning it, in the same pass and from the
+            same statistics (SparseGPT's Hessian, plus the input mean), so the model is walked once, not twice.
         repair_cycles, repair_objective: DSnoT's ``max_cycles`` and ``objective`` (see :func:`repair`).
+        true_sequential: ``True`` (default): prune a block's layers one after another in call order, each from
+            inputs that already went through the pruned layers before it (q/k/v, then o, then gate/up, then down),
+            in one forward per block. ``False``: prune all of a block's layers from the statistics of the
+            unpruned block, then run the block again for the next one's inputs (two forwards per block; the
+            SparseGPT and Wanda papers' protocol).
         batch_size: calibration sequences per forward.
         device: run each block on this device (e.g. ``"cuda"`` for a CPU-resident model); default: the model's.
         progress: show a tqdm bar per block.
@@ -142,12 +149,17 @@ def prune(
             new = dsnot_layer(dense, new, stats, nm, repair_cycles, objective=repair_objective)
         w.copy_(new.to(w.dtype))
 
+    factors: dict[int, tuple] = {}  # id(stats) -> SparseGPT's inverse-Hessian factor, shared by sibling layers
+
     def prune_group(group, stats):
         ws = [linear_weight(m) for m in group.values()]  # (d_out_i, d_in) each
         stacked = torch.cat([w.detach().float() for w in ws])  # (sum d_out_i, d_in)
         rows = [w.shape[0] for w in ws]
-        new = sparsegpt_prune(stacked, stats.hessian.to(stacked.device), [budgets[n] for n in group], nm,
-                              blocksize, percdamp, rows=rows)
+        if id(stats) not in factors:
+            factors.clear()  # siblings come one after another: only the current input's factor is needed
+            factors[id(stats)] = (stats, hessian_factor(stats.hessian.to(stacked.device), percdamp))
+        new = sparsegpt_prune(stacked, stats.hessian, [budgets[n] for n in group], nm, blocksize, percdamp,
+                              rows=rows, factor=factors[id(stats)][1])
         for (name, w), part in zip(zip(group, ws), new.split(rows)):
             if repair:
                 part = dsnot_layer(w.detach().float(), part, stats, nm, repair_cycles, objective=repair_objective)
@@ -177,6 +189,6 @@ def prune(
             prune_group({n: modules[n] for n in names}, stats[names[0]])
 
     run_sequential(model, calibration_data, process, want_hessian=method == "sparsegpt" or
-                   (repair and repair_objective == "mse"), want_sum=repair, batch_size=batch_size, device=device,
-                   progress=progress, desc=method)
+                   (repair and repair_objective == "mse"), want_sum=repair, per_layer=true_sequential,
+                   batch_size=batch_size, device=device, progress=progress, desc=method)
     return sparsity_report(model, nm_pattern=pattern)
