@@ -22,7 +22,7 @@ from sparse_peft.pruning import (
     sparsity_report,
 )
 from sparse_peft.pruning.allocation import owl_block_sparsities
-from sparse_peft.pruning.calibration import InputStats, decoder_layers, run_sequential
+from sparse_peft.pruning.calibration import InputStats, decoder_layers, openmp_companion, run_sequential
 from sparse_peft.pruning.criteria import layer_mask, row_mask, split_evenly
 from sparse_peft.pruning.dsnot import dsnot_layer
 from sparse_peft.pruning.report import linear_weight, prunable_modules
@@ -300,6 +300,43 @@ def test_per_layer_error_propagates_and_threads_end():
     with pytest.raises(KeyError, match="boom"):
         run_sequential(model, calib(8, 16), process, per_layer=True, batch_size=2, progress=False)
     assert threading.active_count() == before  # every batch thread was unwound
+
+
+def test_openmp_companion_nests_and_ends():
+    import threading
+
+    before = threading.active_count()
+    with openmp_companion():
+        inside = threading.active_count()
+        assert inside == before + (torch.get_num_threads() > 1)
+        with openmp_companion():
+            assert threading.active_count() == inside  # one companion, however deep the nesting
+        assert threading.active_count() == inside
+    assert threading.active_count() == before
+
+
+def test_openmp_companion_outlives_the_first_of_two_overlapping_users():
+    import threading
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("the companion only runs with two or more torch threads")
+    before = threading.active_count()
+    entered, leave = threading.Event(), threading.Event()
+
+    def other_user():
+        with openmp_companion():
+            entered.set()
+            leave.wait()
+
+    other = threading.Thread(target=other_user)
+    other.start()
+    entered.wait()
+    with openmp_companion():
+        pass  # this user leaves first: the companion must stay for the other one
+    assert threading.active_count() == before + 2  # the other user and the companion
+    leave.set()
+    other.join()
+    assert threading.active_count() == before
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

@@ -391,35 +391,53 @@ class _LayerByLayer:
         return self._outputs
 
 
+class _Companion:
+    """Reference-counted companion thread: the first user starts it, the last one to leave stops it."""
+
+    lock = threading.Lock()
+    users = 0
+    stop: Optional[threading.Event] = None
+    thread: Optional[threading.Thread] = None
+
+
 @contextmanager
-def _openmp_companion(device: torch.device) -> Iterator[None]:
-    """Keep one idle OpenMP master thread alive for the duration (CPU only; a no-op elsewhere).
+def openmp_companion() -> Iterator[None]:
+    """Keep one idle OpenMP master thread alive for the duration; nests freely, and works as a decorator.
 
     GNU OpenMP (torch's CPU backend) lets its threads spin-wait at every barrier for a long time while the process
     has no more OpenMP threads than cores, and only briefly (then sleep) when it has more. On a shared CPU whose
     cores other processes keep busy, the long spins steal the core from the thread doing the work: the small ops of a
     block's forward ran up to 10x slower on the main thread of our 2-core machine, and a whole block-at-a-time
-    pruning pass about 2x slower, than with this companion thread alive. On an idle machine it costs nothing
-    measurable.
+    pruning pass about 2x slower, than with this companion thread alive. When the cores were otherwise free, the same
+    ops took about the same time with and without it. Several users (nested or in other threads) share one companion,
+    which stops when the last of them leaves.
     """
-    if device.type != "cpu" or torch.get_num_threads() < 2:
+    if torch.get_num_threads() < 2:
         yield
         return
-    started, stop = threading.Event(), threading.Event()
 
-    def companion():
+    def companion(started: threading.Event, stop: threading.Event) -> None:
         torch.ones(1 << 17).mul_(2).sum()  # large enough to open a parallel region: this thread gets a team
         started.set()
         stop.wait()
 
-    thread = threading.Thread(target=companion, daemon=True, name="sparse_peft-openmp-companion")
-    thread.start()
-    started.wait()
+    with _Companion.lock:
+        _Companion.users += 1
+        if _Companion.users == 1:
+            started, _Companion.stop = threading.Event(), threading.Event()
+            _Companion.thread = threading.Thread(target=companion, args=(started, _Companion.stop), daemon=True,
+                                                 name="sparse_peft-openmp-companion")
+            _Companion.thread.start()
+            started.wait()
     try:
         yield
     finally:
-        stop.set()
-        thread.join()
+        with _Companion.lock:
+            _Companion.users -= 1
+            if _Companion.users == 0:
+                _Companion.stop.set()
+                _Companion.thread.join()
+                _Companion.stop = _Companion.thread = None
 
 
 BlockFn = Callable[[int, dict[str, nn.Module], dict[str, InputStats]], Optional[bool]]
@@ -462,7 +480,7 @@ def run_sequential(model: nn.Module, calibration_data, process: BlockFn, *, want
     was_training = model.training
     model.eval()
     try:
-        with _openmp_companion(device):
+        with openmp_companion():
             cache = capture_block_inputs(model, layers, batches, device)
             for index, block in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
                 block.to(device)

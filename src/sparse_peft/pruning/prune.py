@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..masks import parse_nm
 from .allocation import block_budgets, layer_budgets, outlier_ratio, owl_block_sparsities
-from .calibration import block_modules, decoder_layers, run_sequential
+from .calibration import block_modules, decoder_layers, openmp_companion, run_sequential
 from .criteria import magnitude_scores, prune_count, select_mask, wanda_scores
 from .dsnot import check_objective, dsnot_layer
 from .report import SparsityReport, linear_weight, prunable_modules, sparsity_report
@@ -80,6 +80,7 @@ def _owl_budgets(model, calibration_data, sparsity, threshold, lam, batch_size, 
 
 
 @torch.no_grad()
+@openmp_companion()
 def prune(
     model: nn.Module,
     method: str,
