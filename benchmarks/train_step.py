@@ -1,5 +1,9 @@
 """One training step on SmolLM2-135M: SparseLoRA vs peft LoRA vs naive masked LoRA, side by side.
 
+``--methods lora,sparse_lora,naive_masked_lora,lora_dense_grad`` adds the exact gradient's floor: peft LoRA whose
+targeted base weights also get their dense gradient ``gᵀx`` computed (and dropped at once, never applied), i.e. LoRA
+plus exactly the matmul that any exact masked-LoRA gradient needs.
+
 Memory is counted deterministically: trainable parameters + gradients + AdamW state (bytes), plus the tensors saved
 for backward during the forward pass (``saved_tensors_hooks``, deduplicated by storage, parameters excluded since
 they are resident anyway). Peak RSS is reported as a secondary figure. Step time is the median, over interleaved
@@ -70,6 +74,10 @@ def magnitude_prune_(model: nn.Module, sparsity: float) -> None:
             w.scatter_(1, idx, 0.0)
 
 
+def _discard_grad(param: torch.Tensor) -> None:
+    param.grad = None  # freed as soon as it exists, like SparseLoRA's transient gradient
+
+
 def build(method: str, base: nn.Module, r: int, grad_ckpt: bool) -> nn.Module:
     model = copy.deepcopy(base)
     if method == "lora":
@@ -78,6 +86,13 @@ def build(method: str, base: nn.Module, r: int, grad_ckpt: bool) -> nn.Module:
         model = get_peft_model(model, sparse_peft.SparseLoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
     elif method == "naive_masked_lora":
         model = naive_masked_lora(model, r, 2 * r)
+    elif method == "lora_dense_grad":
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
+        for name, param in model.named_parameters():
+            if name.endswith("base_layer.weight"):
+                param.requires_grad_(True)  # autograd now computes gᵀx for it...
+                param._grad_discarded = True  # ...which no optimizer and no memory count sees
+                param.register_post_accumulate_grad_hook(_discard_grad)
     elif method == "full_ft":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -95,9 +110,13 @@ def state_bytes(model: nn.Module) -> int:
     """Trainable params + their grads + AdamW's two fp32 moments."""
     total = 0
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and not getattr(p, "_grad_discarded", False):
             total += p.numel() * p.element_size() * 2 + p.numel() * 4 * 2
     return total
+
+
+def trainable_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad and not getattr(p, "_grad_discarded", False)]
 
 
 def saved_bytes(model: nn.Module, batch: torch.Tensor) -> int:
@@ -177,7 +196,7 @@ def main() -> None:
     results = []
     for grad_ckpt in [False] + ([] if args.no_grad_ckpt_variant else [True]):
         models = {m: build(m, base, args.r, grad_ckpt) for m in methods}
-        opts = {m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-4)
+        opts = {m: torch.optim.AdamW(trainable_params(mod), lr=1e-4)
                 for m, mod in models.items()}
         mem = {m: state_bytes(mod) + saved_bytes(mod, batch) for m, mod in models.items()}
         for m in methods:  # warm-up (allocates optimizer state)
@@ -192,7 +211,7 @@ def main() -> None:
         for m in methods:
             results.append({
                 "method": m, "grad_ckpt": grad_ckpt,
-                "trainable": sum(p.numel() for p in models[m].parameters() if p.requires_grad),
+                "trainable": sum(p.numel() for p in trainable_params(models[m])),
                 "memory_bytes": mem[m], "memory_ratio": mem[m] / mem["lora"],
                 "median_step_s": statistics.median(times[m]),
                 "time_ratio_median": statistics.median(ratios[m]),
