@@ -1,4 +1,4 @@
-"""Pruning benchmark: perplexity and wall time of magnitude / Wanda / SparseGPT, each without and with DSnoT.
+"""Pruning benchmark: perplexity and wall time of magnitude / Wanda / SparseGPT, without and with DSnoT and refit.
 
 SmolLM2-135M-Instruct (offline, see ``sparse_peft.embedded``), calibration windows from the train split of the
 Wikipedia summaries, perplexity on the first ``--eval-blocks`` held-out blocks; the same blocks for every row,
@@ -10,7 +10,12 @@ dense included, and every row also shows its ratio to dense.
 Each row starts from the dense weights. "+dsnot" is ``prune(..., repair=True)``: DSnoT runs on each layer right
 after SparseGPT (or Wanda, magnitude) pruned it, in the same calibration pass. Its ``prune_s`` is the time outside
 DSnoT and ``repair_s`` the time inside it, measured around each DSnoT call; ``seconds`` is the total.
-``--separate-repair`` instead runs :func:`sparse_peft.pruning.repair` afterwards (its own calibration pass).
+"+refit" is ``prune(..., refit=True)``: each layer's kept weights are then refit by least squares for its final
+mask (after DSnoT when both run), timed as ``refit_s``; ``--refit both`` gives every row with and without it.
+``--separate-repair`` instead runs :func:`sparse_peft.pruning.repair` afterwards (its own calibration pass; with
+``--refit`` the refit then comes before DSnoT).
+
+    python benchmarks/pruning.py --methods sparsegpt --patterns 50% --refit both   # what the refit adds
 Wall times depend on the machine's load, so the JSON records the load average before and after each row and the
 process CPU time; perplexity does not.
 """
@@ -44,6 +49,7 @@ def parse_args():
     p.add_argument("--calib-texts", type=int, default=3000,
                    help="draw calibration windows from the first N train articles (0: all of them)")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="which random calibration windows to draw")
     p.add_argument("--eval-blocks", type=int, default=128, help="held-out blocks of --seq-len tokens")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT's Hessian damping")
@@ -54,6 +60,9 @@ def parse_args():
                    help="true_sequential=False: each block's layers from the unpruned block's statistics")
     p.add_argument("--no-repair", action="store_true", help="skip the +dsnot rows")
     p.add_argument("--repair-only", action="store_true", help="skip the rows without DSnoT")
+    p.add_argument("--refit", default="off", choices=["off", "on", "both"],
+                   help="least-squares refit of the kept weights after pruning (and DSnoT): rows without it, "
+                        "with it (labelled +refit), or both")
     p.add_argument("--separate-repair", action="store_true",
                    help="+dsnot = prune, then repair() in its own pass (instead of prune(..., repair=True))")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -73,10 +82,10 @@ def restore(model, dense):
 
 
 @contextmanager
-def timed_dsnot():
-    """Accumulate the wall time spent inside DSnoT's per-layer calls of ``prune(..., repair=True)``."""
+def timed(function: str):
+    """Accumulate the wall time spent inside ``prune``'s per-layer calls of ``function`` (DSnoT, the refit)."""
     prune_module = sys.modules["sparse_peft.pruning.prune"]  # the package exports the function under that name
-    original, spent = prune_module.dsnot_layer, [0.0]
+    original, spent = getattr(prune_module, function), [0.0]
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
@@ -85,11 +94,11 @@ def timed_dsnot():
         finally:
             spent[0] += time.perf_counter() - start
 
-    prune_module.dsnot_layer = wrapper
+    setattr(prune_module, function, wrapper)
     try:
         yield spent
     finally:
-        prune_module.dsnot_layer = original
+        setattr(prune_module, function, original)
 
 
 def main():
@@ -99,17 +108,18 @@ def main():
     model, tokenizer = load_smollm2(torch.float32)
     train_texts, eval_texts = wiki_split(eval_fraction=0.1, seed=0)
     calib_texts = train_texts[: args.calib_texts] if args.calib_texts else train_texts
-    calib = calibration_from_texts(tokenizer, calib_texts, args.nsamples, args.seq_len, seed=0)
+    calib = calibration_from_texts(tokenizer, calib_texts, args.nsamples, args.seq_len, seed=args.seed)
     eval_ids = token_blocks(tokenizer, eval_texts, args.seq_len, max_blocks=args.eval_blocks)
     dense = dense_snapshot(model)
     options = dict(blocksize=args.blocksize, percdamp=args.percdamp, true_sequential=not args.per_block,
                    batch_size=args.batch_size)
     rows = []
-    meta = {"model": "SmolLM2-135M-Instruct (fp32)", "nsamples": args.nsamples, "seq_len": args.seq_len,
+    meta = {"model": "SmolLM2-135M-Instruct (fp32)", "seed": args.seed, "nsamples": args.nsamples,
+            "seq_len": args.seq_len,
             "calib_texts": len(calib_texts), "eval_blocks": int(eval_ids.shape[0]), "allocation": args.allocation,
             **options, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "platform": platform.platform(), "load_average_start": load_average(),
-            "note": "seconds = prune_s + repair_s (wall); cpu_s = process CPU time; load = 1/5/15-min load average "
+            "note": "seconds = prune_s + repair_s + refit_s (wall); cpu_s = process CPU time; load = 1/5/15-min load average "
                     "before and after the row"}
 
     def save():
@@ -117,14 +127,15 @@ def main():
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
-    def record(label, pattern, prune_s, repair_s, cpu_s, sparsity, load_before):
+    def record(label, pattern, prune_s, repair_s, cpu_s, sparsity, load_before, refit_s=0.0):
         ppl = perplexity(model, eval_ids, progress=False)
         ratio = ppl / rows[0]["ppl"] if rows else 1.0
+        total = prune_s + repair_s + refit_s
         rows.append({"method": label, "pattern": pattern, "ppl": ppl, "ratio_to_dense": ratio,
-                     "prune_s": prune_s, "repair_s": repair_s, "seconds": prune_s + repair_s, "cpu_s": cpu_s,
+                     "prune_s": prune_s, "repair_s": repair_s, "refit_s": refit_s, "seconds": total, "cpu_s": cpu_s,
                      "sparsity": sparsity, "load_before": load_before, "load_after": load_average()})
-        print(f"{label:<18} {pattern:>5}  ppl {ppl:8.2f}  {ratio:5.2f}x dense  prune {prune_s:6.1f} s  "
-              f"repair {repair_s:6.1f} s  total {prune_s + repair_s:6.1f} s  (cpu {cpu_s:6.1f} s, "
+        print(f"{label:<24} {pattern:>5}  ppl {ppl:8.2f}  {ratio:5.2f}x dense  prune {prune_s:6.1f} s  "
+              f"repair {repair_s:6.1f} s  refit {refit_s:6.1f} s  total {total:6.1f} s  (cpu {cpu_s:6.1f} s, "
               f"load {load_before[0]:.1f})  sparsity {sparsity:.2%}", flush=True)
         save()  # partial results survive an interrupted run
 
@@ -133,28 +144,31 @@ def main():
         sparsity, nm = PATTERNS[pattern]
         allocation = args.allocation if nm is None else "uniform"
         for method in args.methods:
-            variants = ([] if args.repair_only else [False]) + ([] if args.no_repair else [True])
-            for with_repair in variants:
+            repairs = ([] if args.repair_only else [False]) + ([] if args.no_repair else [True])
+            refits = {"off": [False], "on": [True], "both": [False, True]}[args.refit]
+            for with_repair, with_refit in [(rp, rf) for rp in repairs for rf in refits]:
                 restore(model, dense)
                 load_before, cpu0, start = load_average(), time.process_time(), time.perf_counter()
                 inline = with_repair and not args.separate_repair
-                with timed_dsnot() as dsnot_s:
+                with timed("dsnot_layer") as dsnot_s, timed("refit_layer") as refit_s:
                     report = prune(model, method, sparsity, nm, calib, allocation=allocation, repair=inline,
-                                   **options)
+                                   refit=with_refit, **options)
                 total = time.perf_counter() - start
-                prune_s, repair_s = total - dsnot_s[0], dsnot_s[0]
+                prune_s, repair_s = total - dsnot_s[0] - refit_s[0], dsnot_s[0]
                 if with_repair and args.separate_repair:
                     start = time.perf_counter()
                     report = repair(model, calib, dense, nm, batch_size=args.batch_size)
                     repair_s = time.perf_counter() - start
                 assert nm is None or report.nm_valid
-                label = f"{method}+dsnot" if with_repair else method
-                record(label, pattern, prune_s, repair_s, time.process_time() - cpu0, report.sparsity, load_before)
+                label = method + ("+dsnot" if with_repair else "") + ("+refit" if with_refit else "")
+                record(label, pattern, prune_s, repair_s, time.process_time() - cpu0, report.sparsity, load_before,
+                       refit_s[0])
 
-    print("\n| method | pattern | perplexity | × dense | prune (s) | repair (s) | total (s) |\n|---|---|---|---|---|---|---|")
+    print("\n| method | pattern | perplexity | × dense | prune (s) | repair (s) | refit (s) | total (s) |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['ratio_to_dense']:.2f} | {r['prune_s']:.0f} | "
-              f"{r['repair_s']:.0f} | {r['seconds']:.0f} |")
+              f"{r['repair_s']:.0f} | {r['refit_s']:.0f} | {r['seconds']:.0f} |")
     meta["load_average_end"] = load_average()
     save()
     print(f"wrote {args.out}")

@@ -60,6 +60,25 @@ def test_prune_finetune_eval_merge_report(workdir, capsys):
     assert not all(torch.equal(a, b) for a, b in zip(merged.parameters(), pruned.parameters()))
 
 
+def test_prune_magnitude_with_refit_changes_kept_weights(workdir, capsys):
+    """--refit needs calibration data even for magnitude: the kept weights move, the zeros stay where they were."""
+    d = str(workdir)
+    common = ["prune", "--model", f"{d}/tiny", "--method", "magnitude", "--pattern", "2:4", "--data",
+              f"{d}/train.txt", "--seq-len", "16", "--nsamples", "8"]
+    assert _run(common + ["--out", f"{d}/mag"], capsys)[0] == 0
+    code, out, _ = _run(common + ["--refit", "--out", f"{d}/mag_refit"], capsys)
+    assert code == 0 and "overall" in out
+    import transformers
+
+    plain = transformers.AutoModelForCausalLM.from_pretrained(f"{d}/mag")
+    refit = transformers.AutoModelForCausalLM.from_pretrained(f"{d}/mag_refit")
+    assert sparsity_report(refit, "2:4").nm_valid
+    projections = [(a, b) for (n, a), (_, b) in zip(plain.named_parameters(), refit.named_parameters())
+                   if n.endswith("proj.weight")]
+    assert all(torch.equal(a == 0, b == 0) for a, b in projections)  # magnitude masks do not depend on data
+    assert not all(torch.equal(a, b) for a, b in projections)
+
+
 def test_finetune_on_chat_data_with_eval(workdir, capsys):
     d = str(workdir)
     code, out, err = _run(["finetune", "--model", f"{d}/tiny", "--method", "sparse_lora", "--r", "2", "--data",

@@ -25,6 +25,7 @@ from sparse_peft.pruning.allocation import owl_block_sparsities
 from sparse_peft.pruning.calibration import InputStats, decoder_layers, openmp_companion, run_sequential
 from sparse_peft.pruning.criteria import layer_mask, row_mask, split_evenly
 from sparse_peft.pruning.dsnot import dsnot_layer
+from sparse_peft.pruning.refit import refit_layer
 from sparse_peft.pruning.report import linear_weight, prunable_modules
 
 
@@ -221,6 +222,78 @@ def test_inline_repair_lowers_block_error(method):
         assert torch.equal((wp[name] == 0).sum(1), (wr[name] == 0).sum(1)), name
     err = lambda w: sum(reconstruction_error(dense[n], w[n], x[n].t() @ x[n]) for n in x)
     assert err(wr) <= err(wp)
+
+
+# ---------------------------------------------------------------- least-squares refit
+
+
+def _damped_exact_refit(w, pruned, hessian, percdamp=0.01):
+    """Reference: each row's kept weights from one direct solve of the damped normal equations."""
+    H = hessian.clone()
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    out = torch.zeros_like(w)
+    for i in range(w.shape[0]):
+        keep = pruned[i] != 0
+        out[i, keep] = torch.linalg.solve(H[keep][:, keep], (H @ w[i])[keep])
+    return out
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_refit_reaches_the_least_squares_weights_and_keeps_the_mask(nm):
+    w, stats = _layer_case(d_in=32)
+    from sparse_peft.masks import nm_mask
+
+    keep = nm_mask(w, *nm) if nm else w.abs() >= w.abs().median(1, keepdim=True).values
+    pruned = w * keep
+    out = refit_layer(w, pruned, stats.hessian, max_iters=200, tol=1e-12)
+    assert torch.equal(out != 0, pruned != 0)  # same mask: per-row counts and N:M unchanged
+    assert nm is None or is_nm(out, *nm)
+    torch.testing.assert_close(out, _damped_exact_refit(w, pruned, stats.hessian), rtol=1e-3, atol=1e-4)
+    before, after = reconstruction_error(w, pruned, stats.hessian), reconstruction_error(w, out, stats.hessian)
+    assert after < 0.9 * before
+    assert torch.equal(pruned, w * keep)  # inputs untouched
+
+
+def test_refit_lowers_the_error_of_sparsegpt_and_stops_when_converged():
+    from sparse_peft.pruning.sparsegpt import sparsegpt_prune
+
+    w, stats = _layer_case(d_out=24, d_in=64, t=512)
+    obs = sparsegpt_prune(w, stats.hessian, w.numel() // 2)
+    few, many = refit_layer(w, obs, stats.hessian, max_iters=3), refit_layer(w, obs, stats.hessian, max_iters=100)
+    errors = [reconstruction_error(w, v, stats.hessian) for v in (obs, few, many)]
+    assert errors[0] > errors[1] > errors[2], errors  # the OBS sweep is not the optimum for its own mask
+    exact = _damped_exact_refit(w, obs, stats.hessian)
+    assert torch.equal(refit_layer(w, exact, stats.hessian, tol=1e-6), exact)  # converged: no step taken
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_prune_with_refit_keeps_sparsity_and_lowers_block_error(method, pattern):
+    """Refit after each layer: exact counts per row and N:M kept; block 0 (same inputs) ends closer to dense."""
+    data = calib(16, 16)
+    base = correlated_model()
+    dense = weights(base)
+    x = block_inputs(base, 0, data)
+    plain, refit = correlated_model(), correlated_model()
+    sparsity = None if pattern else 0.5
+    prune(plain, method, sparsity, pattern, data, true_sequential=False, progress=False)
+    report = prune(refit, method, sparsity, pattern, data, true_sequential=False, refit=True, progress=False)
+    wp, wr = weights(plain), weights(refit)
+    for name in wp:
+        assert torch.equal((wp[name] == 0).sum(1), (wr[name] == 0).sum(1)), name
+    for name in x:  # block 0 sees the same inputs either way: the very same masks
+        assert torch.equal(wp[name] == 0, wr[name] == 0), name
+    assert pattern is None or report.nm_valid
+    err = lambda w: sum(reconstruction_error(dense[n], w[n], x[n].t() @ x[n]) for n in x)
+    assert err(wr) < err(wp)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_prune_with_repair_and_refit_true_sequential(method):
+    model = make_model("qwen3")
+    report = prune(model, method, 0.5, calibration_data=calib(), repair=True, refit=True, progress=False)
+    for row in report.modules:
+        assert row.zeros == round(0.5 * row.numel), row.name
 
 
 # ---------------------------------------------------------------- sequential calibration
@@ -502,6 +575,10 @@ def test_other_bad_arguments():
         prune(model, "wanda", 0.3, "2:4", calib())
     with pytest.raises(ValueError, match="allocation"):
         prune(model, "wanda", None, "2:4", calib(), allocation="owl")
+    with pytest.raises(ValueError, match="calibration_data"):
+        prune(model, "magnitude", 0.5, refit=True)
+    with pytest.raises(ValueError, match="refit_iters"):
+        prune(model, "sparsegpt", 0.5, calibration_data=calib(), refit=True, refit_iters=0)
     with pytest.raises(ValueError, match="decoder blocks"):
         prune(make_model("bert"), "wanda", 0.5, calibration_data=calib())
     assert sparsity_report(model).sparsity == 0  # nothing was pruned by the failed calls

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=None, help="N:M pattern such as 2:4")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"])
     p.add_argument("--repair", action="store_true", help="run DSnoT on each layer right after pruning it (same pass)")
+    p.add_argument("--refit", action="store_true",
+                   help="refit each layer's kept weights by least squares for its final mask (same pass)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration sequences")
     p.add_argument("--out", required=True)
 
@@ -127,11 +129,12 @@ def _prune(args):
 
     model, tok = pipeline.load_model(args.model, _dtype(args.dtype))
     calib = None
-    if args.method != "magnitude" or args.repair or args.allocation == "owl":
+    if args.method != "magnitude" or args.repair or args.refit or args.allocation == "owl":
         train, _ = pipeline.load_texts(args.data)
         calib = calibration_from_texts(tok, train[:4000], nsamples=args.nsamples, seq_len=args.seq_len)
     sparsity = args.sparsity if args.sparsity is not None or args.pattern else 0.5
-    report = prune(model, args.method, sparsity, args.pattern, calib, allocation=args.allocation, repair=args.repair)
+    report = prune(model, args.method, sparsity, args.pattern, calib, allocation=args.allocation, repair=args.repair,
+                   refit=args.refit)
     pipeline.save_model(model, tok, args.out)
     print(report)
     print(f"saved the pruned model to {args.out}")

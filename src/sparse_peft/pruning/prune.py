@@ -12,6 +12,7 @@ from .allocation import block_budgets, layer_budgets, outlier_ratio, owl_block_s
 from .calibration import block_modules, decoder_layers, openmp_companion, run_sequential
 from .criteria import magnitude_scores, prune_count, select_mask, wanda_scores
 from .dsnot import check_objective, dsnot_layer
+from .refit import refit_layer
 from .report import SparsityReport, linear_weight, prunable_modules, sparsity_report
 from .sparsegpt import hessian_factor, sparsegpt_prune
 
@@ -19,7 +20,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 ALLOCATIONS = ("uniform", "owl")
 
 
-def _check(model, method, sparsity, pattern, allocation, calibration_data, repair):
+def _check(model, method, sparsity, pattern, allocation, calibration_data, repair, refit=False, refit_iters=30):
     """Validate the arguments; return ``(nm, sparsity)``."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
@@ -48,10 +49,14 @@ def _check(model, method, sparsity, pattern, allocation, calibration_data, repai
             name, d_in = next(iter(bad.items()))
             raise ValueError(f"pattern={pattern!r} needs every input dimension divisible by M={nm[1]}, but "
                              f"{name} has d_in={d_in} ({len(bad)} such layers); pick an M that divides it.")
-    needs_data = method != "magnitude" or allocation == "owl" or repair
+    if isinstance(refit_iters, bool) or not isinstance(refit_iters, int) or refit_iters < 1:
+        raise ValueError(f"refit_iters={refit_iters!r} must be a positive int (conjugate-gradient iterations; "
+                         "30 is the default).")
+    needs_data = method != "magnitude" or allocation == "owl" or repair or refit
     if needs_data and calibration_data is None:
-        raise ValueError(f"method={method!r} (allocation={allocation!r}, repair={repair}) needs calibration_data: a "
-                         "(nsamples, seq_len) tensor of token ids, e.g. calibration_from_texts(tokenizer, texts).")
+        raise ValueError(f"method={method!r} (allocation={allocation!r}, repair={repair}, refit={refit}) needs "
+                         "calibration_data: a (nsamples, seq_len) tensor of token ids, e.g. "
+                         "calibration_from_texts(tokenizer, texts).")
     return nm, float(sparsity)
 
 
@@ -96,6 +101,8 @@ def prune(
     repair: bool = False,
     repair_cycles: int = 50,
     repair_objective: str = "mse",
+    refit: bool = False,
+    refit_iters: int = 30,
     true_sequential: bool = True,
     batch_size: int = 8,
     device=None,
@@ -118,6 +125,11 @@ def prune(
         repair: also run DSnoT (:func:`repair`) on each layer right after pruning it, in the same pass and from the
             same statistics (SparseGPT's Hessian, plus the input mean), so the model is walked once, not twice.
         repair_cycles, repair_objective: DSnoT's ``max_cycles`` and ``objective`` (see :func:`repair`).
+        refit: after pruning (and DSnoT), set each layer's kept weights to the least-squares fit of the dense
+            layer's output on the calibration inputs, for the final mask (:func:`refit_layer`; same statistics,
+            same pass). The mask, the sparsity per row and any N:M pattern are unchanged. With Wanda or magnitude
+            it also collects the Hessian, as SparseGPT does.
+        refit_iters: conjugate-gradient iterations of the refit, at most (one ``d_out x d_in x d_in`` matmul each).
         true_sequential: ``True`` (default): prune a block's layers one after another in call order, each from
             inputs that already went through the pruned layers before it (q/k/v, then o, then gate/up, then down),
             in one forward per block. ``False``: prune all of a block's layers from the statistics of the
@@ -130,7 +142,7 @@ def prune(
     Calibration is sequential: each block's statistics come from the outputs of the already-pruned blocks
     before it, and only one block's activations are kept at a time.
     """
-    nm, sparsity = _check(model, method, sparsity, pattern, allocation, calibration_data, repair)
+    nm, sparsity = _check(model, method, sparsity, pattern, allocation, calibration_data, repair, refit, refit_iters)
     check_objective(repair_objective)
     if allocation == "owl":
         budgets = _owl_budgets(model, calibration_data, sparsity, owl_threshold, owl_lambda, batch_size, device,
@@ -140,7 +152,7 @@ def prune(
 
     def prune_module(name, module, stats):
         w = linear_weight(module)  # (d_out, d_in), a view for Conv1D
-        dense = w.detach().float().clone() if repair else None
+        dense = w.detach().float().clone() if repair or refit else None
         if method == "sparsegpt":
             new = sparsegpt_prune(w, stats.hessian.to(w.device), budgets[name], nm, blocksize, percdamp)
         else:
@@ -148,6 +160,8 @@ def prune(
             new = w.float() * select_mask(scores, budgets[name], nm, per_row=method == "wanda")
         if repair:
             new = dsnot_layer(dense, new, stats, nm, repair_cycles, objective=repair_objective)
+        if refit:
+            new = refit_layer(dense, new, stats.hessian, percdamp, refit_iters)
         w.copy_(new.to(w.dtype))
 
     factors: dict[int, tuple] = {}  # id(stats) -> SparseGPT's inverse-Hessian factor, shared by sibling layers
@@ -161,12 +175,15 @@ def prune(
             factors[id(stats)] = (stats, hessian_factor(stats.hessian.to(stacked.device), percdamp))
         new = sparsegpt_prune(stacked, stats.hessian, [budgets[n] for n in group], nm, blocksize, percdamp,
                               rows=rows, factor=factors[id(stats)][1])
-        for (name, w), part in zip(zip(group, ws), new.split(rows)):
-            if repair:
-                part = dsnot_layer(w.detach().float(), part, stats, nm, repair_cycles, objective=repair_objective)
+        if repair:
+            new = torch.cat([dsnot_layer(w.detach().float(), part, stats, nm, repair_cycles,
+                                         objective=repair_objective) for w, part in zip(ws, new.split(rows))])
+        if refit:  # rows are independent: the stacked layers refit together, one matmul per iteration
+            new = refit_layer(stacked, new, stats.hessian, percdamp, refit_iters)
+        for w, part in zip(ws, new.split(rows)):
             w.copy_(part.to(w.dtype))
 
-    if method == "magnitude" and not repair:
+    if method == "magnitude" and not repair and not refit:
         for name, module in prunable_modules(model).items():
             prune_module(name, module, None)
         return sparsity_report(model, nm_pattern=pattern)
@@ -189,7 +206,7 @@ def prune(
         for names in groups.values():
             prune_group({n: modules[n] for n in names}, stats[names[0]])
 
-    run_sequential(model, calibration_data, process, want_hessian=method == "sparsegpt" or
+    run_sequential(model, calibration_data, process, want_hessian=method == "sparsegpt" or refit or
                    (repair and repair_objective == "mse"), want_sum=repair, per_layer=true_sequential,
                    batch_size=batch_size, device=device, progress=progress, desc=method)
     return sparsity_report(model, nm_pattern=pattern)
