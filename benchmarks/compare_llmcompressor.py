@@ -34,9 +34,14 @@ import importlib.metadata
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pruning import add_protocol_args, load_average, protocol  # noqa: E402  (the very same protocol)
 
 PATTERNS = {"50%": "0:0", "2:4": "2:4"}  # llm-compressor's mask_structure; "0:0" is unstructured
 TARGETS = [r"re:model.layers.\d*$"]
@@ -45,20 +50,9 @@ TARGETS = [r"re:model.layers.\d*$"]
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], choices=["wanda", "sparsegpt"])
-    p.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
-    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--calib-texts", type=int, default=3000,
-                   help="draw calibration windows from the first N train articles (0: all of them)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="which random calibration windows to draw")
-    p.add_argument("--eval-blocks", type=int, default=128, help="held-out blocks of --seq-len tokens")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_protocol_args(p)
     p.add_argument("--out", default="benchmarks/results/llmcompressor.json")
     return p.parse_args()
-
-
-def load_average() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def version(dist: str) -> str | None:
@@ -96,23 +90,16 @@ def modifier_settings(mod) -> dict:
 
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     import llmcompressor
     from llmcompressor import oneshot
     from llmcompressor.args import DatasetArguments
 
     from sparse_peft import sparsity_report
-    from sparse_peft.embedded import load_smollm2, token_blocks, wiki_split
+    from sparse_peft.embedded import load_smollm2
     from sparse_peft.evaluation import perplexity
-    from sparse_peft.pruning import calibration_from_texts
 
-    model, tokenizer = load_smollm2(torch.float32)
-    train_texts, eval_texts = wiki_split(eval_fraction=0.1, seed=0)
-    calib_texts = train_texts[: args.calib_texts] if args.calib_texts else train_texts
-    calib = calibration_from_texts(tokenizer, calib_texts, args.nsamples, args.seq_len, seed=args.seed)
-    eval_ids = token_blocks(tokenizer, eval_texts, args.seq_len, max_blocks=args.eval_blocks)
+    model, tokenizer, calib_texts, calib, eval_ids = protocol(args)
     dataset = calibration_dataset(calib)
     ds_defaults = DatasetArguments()
     oneshot_options = dict(num_calibration_samples=args.nsamples, max_seq_length=args.seq_len,

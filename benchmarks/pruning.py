@@ -41,9 +41,8 @@ from sparse_peft.pruning.report import linear_weight, prunable_modules
 PATTERNS = {"50%": (0.5, None), "2:4": (None, "2:4")}
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The calibration / evaluation protocol's options, shared with ``compare_llmcompressor.py``."""
     p.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
     p.add_argument("--calib-texts", type=int, default=3000,
@@ -51,6 +50,25 @@ def parse_args():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="which random calibration windows to draw")
     p.add_argument("--eval-blocks", type=int, default=128, help="held-out blocks of --seq-len tokens")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def protocol(args):
+    """``(model, tokenizer, calib_texts, calib, eval_ids)``: SmolLM2 in fp32, calibration windows, held-out blocks."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_smollm2(torch.float32)
+    train_texts, eval_texts = wiki_split(eval_fraction=0.1, seed=0)
+    calib_texts = train_texts[: args.calib_texts] if args.calib_texts else train_texts
+    calib = calibration_from_texts(tokenizer, calib_texts, args.nsamples, args.seq_len, seed=args.seed)
+    eval_ids = token_blocks(tokenizer, eval_texts, args.seq_len, max_blocks=args.eval_blocks)
+    return model, tokenizer, calib_texts, calib, eval_ids
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    add_protocol_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT's Hessian damping")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT's lazy-update block width")
@@ -65,7 +83,6 @@ def parse_args():
                         "with it (labelled +refit), or both")
     p.add_argument("--separate-repair", action="store_true",
                    help="+dsnot = prune, then repair() in its own pass (instead of prune(..., repair=True))")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="benchmarks/results/pruning.json")
     return p.parse_args()
 
@@ -103,13 +120,7 @@ def timed(function: str):
 
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_smollm2(torch.float32)
-    train_texts, eval_texts = wiki_split(eval_fraction=0.1, seed=0)
-    calib_texts = train_texts[: args.calib_texts] if args.calib_texts else train_texts
-    calib = calibration_from_texts(tokenizer, calib_texts, args.nsamples, args.seq_len, seed=args.seed)
-    eval_ids = token_blocks(tokenizer, eval_texts, args.seq_len, max_blocks=args.eval_blocks)
+    model, tokenizer, calib_texts, calib, eval_ids = protocol(args)
     dense = dense_snapshot(model)
     options = dict(blocksize=args.blocksize, percdamp=args.percdamp, true_sequential=not args.per_block,
                    batch_size=args.batch_size)
@@ -119,8 +130,8 @@ def main():
             "calib_texts": len(calib_texts), "eval_blocks": int(eval_ids.shape[0]), "allocation": args.allocation,
             **options, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "platform": platform.platform(), "load_average_start": load_average(),
-            "note": "seconds = prune_s + repair_s + refit_s (wall); cpu_s = process CPU time; load = 1/5/15-min load average "
-                    "before and after the row"}
+            "note": "seconds = prune_s + repair_s + refit_s (wall); cpu_s = process CPU time; load = 1/5/15-min "
+                    "load average before and after the row"}
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
