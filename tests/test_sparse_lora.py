@@ -38,7 +38,7 @@ def test_gradient_equals_naive_dense_autograd(n_adapters, with_weight):
         ab += [torch.randn(r, d_in, dtype=torch.float64, requires_grad=True),
                torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)]
     packed = tuple(sparse_peft.masks.pack_mask(m) for m in masks)
-    out = MaskedLoraLinearFn.apply(x, w if with_weight else None, bias, packed, (d_out, d_in), tuple(scalings), *ab)
+    out = MaskedLoraLinearFn.apply(x, w if with_weight else None, bias, packed, (d_out, d_in), tuple(scalings), None, *ab)
     ref = _naive(x, w if with_weight else torch.zeros_like(w), bias, masks, scalings, ab)
     torch.testing.assert_close(out.double(), ref)
     grad = torch.randn_like(ref)
@@ -59,6 +59,54 @@ def _saved_tensors(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, saved
+
+
+def test_unmasked_gradient_option_is_the_lors_gradient():
+    """exact=False: forward is still masked; A and B get s·Bᵀ(gᵀx) and s·(gᵀx)Aᵀ without the mask (straight-through
+    the mask), next to an exact adapter in the same call."""
+    torch.manual_seed(0)
+    d_out, d_in, r = 12, 16, 3
+    x = torch.randn(2, 5, d_in, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(d_out, d_in, dtype=torch.float64)
+    masks = [torch.rand(d_out, d_in) > 0.5 for _ in range(2)]
+    scalings = (0.5, 1.5)
+    ab = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in [(r, d_in), (d_out, r)] * 2]
+    packed = tuple(sparse_peft.masks.pack_mask(m) for m in masks)
+    out = MaskedLoraLinearFn.apply(x, w, None, packed, (d_out, d_in), scalings, (True, False), *ab)
+    torch.testing.assert_close(out, _naive(x, w, None, masks, scalings, ab))  # the forward stays masked
+    ba = ab[3] @ ab[2]  # (d_out, d_in) of the inexact adapter
+    w_ref = w + scalings[0] * masks[0] * (ab[1] @ ab[0]) + scalings[1] * (masks[1] * ba.detach() + ba - ba.detach())
+    ref = torch.nn.functional.linear(x, w_ref)  # same values, gradient of adapter 2 straight through its mask
+    grad = torch.randn_like(ref)
+    leaves = [x, *ab]
+    got = torch.autograd.grad(out, leaves, grad)
+    for g, h in zip(got, torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(g, h)
+    exact_b = torch.autograd.grad(_naive(x, w, None, masks, scalings, ab), ab[3], grad)[0]
+    assert not torch.allclose(got[4], exact_b), "the mask was not dropped"
+
+
+def test_unmasked_gradient_option_trains_and_keeps_zeros():
+    base = make_model("llama")
+    make_sparse(base)
+    before = {n: linear_weight(m).clone() for n, m in base.named_modules() if n.endswith("proj")}
+    model = get_peft_model(base, sparse_peft.SparseLoraConfig(r=4, lora_alpha=8, exact_gradient=False,
+                                                              task_type="CAUSAL_LM"))
+    layer = next(m for m in model.modules() if isinstance(m, sparse_peft.tuners.sparse_lora.SparseLoraLayer))
+    assert layer.exact_gradient["default"] is False
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for seed in range(3):
+        model(**inputs("llama", seed=seed)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    merged = model.merge_and_unload()
+    changed = 0
+    for n, m in merged.named_modules():
+        if n in before:
+            w, zero = linear_weight(m), before[n] == 0
+            assert (w[zero] == 0).all(), f"{n}: a zero came back"
+            changed += int((w != before[n]).sum())
+    assert changed > 0, "training moved no weight"
 
 
 def test_backward_keeps_no_dense_delta():
@@ -183,6 +231,8 @@ def test_bad_config_fields():
         sparse_peft.SparseLoraConfig(mask_type="nm", nm_pattern="4:4")
     with pytest.raises(ValueError, match="N:M pattern"):
         sparse_peft.SparseLoraConfig(mask_type="nm", nm_pattern="2-4")
+    with pytest.raises(ValueError, match="exact_gradient must be True or False"):
+        sparse_peft.SparseLoraConfig(exact_gradient="no")
 
 
 def test_unknown_target_module():

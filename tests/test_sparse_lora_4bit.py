@@ -175,7 +175,7 @@ def test_function_with_weight_getter_in_float64():
     x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
     a = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
     b = torch.randn(12, 2, dtype=torch.float64, requires_grad=True)
-    out = MaskedLoraLinearFn.apply(x, getter, None, (pack_mask(mask),), (12, 16), (0.5,), a, b)
+    out = MaskedLoraLinearFn.apply(x, getter, None, (pack_mask(mask),), (12, 16), (0.5,), None, a, b)
     ref = torch.nn.functional.linear(x, w + 0.5 * mask * (b @ a))
     torch.testing.assert_close(out, ref)
     grad = torch.randn_like(ref)

@@ -299,6 +299,33 @@ def test_seft_counts_exact_after_every_step_and_merge(nm, dtype, caplog):
         assert sparse_peft.sparsity_report(merged, nm_pattern="2:4").nm_valid
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_seft_starts_on_the_base_non_zeros_and_revives_only_by_growth(nm):
+    """No pruned weight comes back (and no kept weight is pruned for it) before a reselection grows one."""
+    base = make_model("llama")
+    make_sparse(base, nm=nm)
+    zero = {n: linear_weight(m) == 0 for n, m in prunable(base).items()}
+    model = get_peft_model(base, _spiel(r=2, reselection_steps=3, accumulation_steps=1, regrow_fraction=0.5,
+                                        init_weights=False))
+    for m in _layers(model).values():
+        w = m._linear_weight().reshape(-1)
+        assert (w[m.spiel_indices["default"].long()] != 0).all(), "an initial slot sits on a pruned weight"
+        assert (m.spiel_partners["default"] == regrowth.NO_PARTNER).all()
+
+    def same_zeros(step, opt):
+        if step >= 3:
+            return
+        model.merge_adapter()
+        for n, m in prunable(model).items():
+            assert torch.equal(linear_weight(m) == 0, zero[n]), f"{n}: zero pattern changed at step {step}"
+        model.unmerge_adapter()
+
+    _loop(model, steps=3, after_step=same_zeros)
+    revived = sum(int((m._linear_weight().reshape(-1)[m.spiel_indices["default"].long()] == 0).sum())
+                  for m in _layers(model).values())
+    assert revived > 0, "the reselection grew no pruned position"
+
+
 def test_unmerge_restores_weights_exactly_in_bf16():
     base = make_model("llama", torch.bfloat16)
     make_sparse(base)

@@ -65,6 +65,16 @@ class SparseLoraConfig(SparseTunerConfig):
             "so tests can start from a non-zero update."
         },
     )
+    exact_gradient: bool = field(
+        default=True,
+        metadata={
+            "help": "True (default): A and B get the exact gradient of the masked model, which needs the dense "
+            "weight gradient g^T x once per layer (one extra d_out x d_in matmul per step). False: the LoRS-style "
+            "gradient without the mask (two rank-r matmuls, so a step costs what LoRA's does); forward, merge and "
+            "every kept zero stay exactly masked, but the update no longer follows the masked model's gradient on "
+            "the pruned positions. See docs/benchmarks.md for what it costs in recovery."
+        },
+    )
     fan_in_fan_out: bool = field(
         default=False,
         metadata={"help": "Set automatically for transformers' Conv1D (GPT-2), whose weight is stored (d_in, d_out)."},
@@ -84,3 +94,5 @@ class SparseLoraConfig(SparseTunerConfig):
         if self.mask_type == "nm" and self.nm_pattern is None:
             raise ValueError("SparseLoraConfig.mask_type='nm' needs nm_pattern, e.g. nm_pattern='2:4'.")
         parse_nm(self.nm_pattern, field="SparseLoraConfig.nm_pattern")
+        if not isinstance(self.exact_gradient, bool):
+            raise ValueError(f"SparseLoraConfig.exact_gradient must be True or False, got {self.exact_gradient!r}.")

@@ -184,6 +184,10 @@ def _effective_weight(weight: Optional[torch.Tensor], prods: Sequence[torch.Tens
 class MaskedLoraLinearFn(torch.autograd.Function):
     """``F.linear(x, W + Σ_a s_a M_a ⊙ (B_a A_a), bias)``; ``weight=None`` means the delta alone.
 
+    ``exact`` holds one flag per adapter (``None``: all exact). An exact adapter gets the gradient of the masked
+    model, ``grad_A = s Bᵀ (M ⊙ gᵀx)``, which needs the dense ``gᵀx``. An adapter with ``False`` gets the LoRS-style
+    gradient without the mask, ``grad_A = s (gB)ᵀ x``, two rank-r matmuls as in LoRA; forward and merge stay masked.
+
     ``weight`` may also be a callable returning the dense ``(d_out, d_in)`` weight (a dequantizing bitsandbytes
     base): it is called in forward and again in backward, so the dequantized weight is never saved.
 
@@ -194,7 +198,7 @@ class MaskedLoraLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight: WeightArg, bias, packed_masks, shape, scalings, *ab):
+    def forward(ctx, x, weight: WeightArg, bias, packed_masks, shape, scalings, exact, *ab):
         getter = weight if callable(weight) and not isinstance(weight, torch.Tensor) else None
         dense = getter() if getter is not None else weight  # (d_out, d_in), transient for a getter
         prods = _masked_products(_masks_as(packed_masks, shape, ab), ab)  # [(d_out, d_in)] per adapter
@@ -203,6 +207,7 @@ class MaskedLoraLinearFn(torch.autograd.Function):
         ctx.save_for_backward(x, None if getter is not None else weight, *ab)
         ctx.getter = getter
         ctx.packed_masks, ctx.shape, ctx.scalings = packed_masks, shape, scalings
+        ctx.exact = (True,) * len(packed_masks) if exact is None else tuple(exact)
         ctx.has_bias = bias is not None
         return out
 
@@ -222,24 +227,29 @@ class MaskedLoraLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         grad_ab = [None] * len(ab)
-        if ab and any(ctx.needs_input_grad[6:]):
+        if ab and any(ctx.needs_input_grad[7:]):
             ct = _compute_dtype(ab[0])
-            grad_w = (g.t() @ x2).to(ct)  # (d_out, d_in): the dense weight gradient, transient
-            last = len(masks) - 1
+            exact = [i for i, e in enumerate(ctx.exact) if e]
+            grad_w = (g.t() @ x2).to(ct) if exact else None  # (d_out, d_in): the dense weight gradient, transient
             for i, (mask, s) in enumerate(zip(masks, ctx.scalings)):
                 a, b = ab[2 * i], ab[2 * i + 1]
-                # M ⊙ dL/dW; the last adapter may reuse grad_w's storage. s is applied to the small results.
-                gm = grad_w.mul_(mask) if i == last else grad_w * mask  # (d_out, d_in)
-                grad_ab[2 * i] = (b.to(ct).t() @ gm).mul_(s).to(a.dtype)  # (r, d_in)
-                grad_ab[2 * i + 1] = (gm @ a.to(ct).t()).mul_(s).to(b.dtype)  # (d_out, r)
-        return (grad_x, None, grad_bias, None, None, None, *grad_ab)
+                if ctx.exact[i]:  # M ⊙ dL/dW; the last exact adapter may reuse grad_w's storage
+                    gm = grad_w.mul_(mask) if i == exact[-1] else grad_w * mask  # (d_out, d_in)
+                    grad_ab[2 * i] = (b.to(ct).t() @ gm).mul_(s).to(a.dtype)  # (r, d_in)
+                    grad_ab[2 * i + 1] = (gm @ a.to(ct).t()).mul_(s).to(b.dtype)  # (d_out, r)
+                else:  # LoRS-style: the unmasked low-rank gradient, s applied to the small results
+                    gc, xc = g.to(ct), x2.to(ct)
+                    grad_ab[2 * i] = ((gc @ b.to(ct)).t() @ xc).mul_(s).to(a.dtype)  # (r, T) @ (T, d_in)
+                    grad_ab[2 * i + 1] = (gc.t() @ (xc @ a.to(ct).t())).mul_(s).to(b.dtype)  # (d_out, T) @ (T, r)
+        return (grad_x, None, grad_bias, None, None, None, None, *grad_ab)
 
 
 class SparseLoraLayer(BaseTunerLayer):
     """Adapter state of SparseLoRA, shared by the layer classes."""
 
     adapter_layer_names = ("sparse_lora_A", "sparse_lora_B")
-    other_param_names = ("sparse_lora_mask", "sparse_lora_fingerprint", "sparse_lora_dropout", "r", "lora_alpha", "scaling")
+    other_param_names = ("sparse_lora_mask", "sparse_lora_fingerprint", "sparse_lora_dropout", "r", "lora_alpha", "scaling",
+                         "exact_gradient")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -253,6 +263,7 @@ class SparseLoraLayer(BaseTunerLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.exact_gradient: dict[str, bool] = {}  # False: LoRS-style gradient without the mask
         self._disable_adapters = False
         self.merged_adapters = []
         self.module_name: str = kwargs.pop("module_name", "")  # for error messages only
@@ -297,7 +308,8 @@ class SparseLoraLayer(BaseTunerLayer):
 
     # ---- adapter creation -----------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_weights: bool,
-                     mask_type: str = "base", nm_pattern: Optional[str] = None, **kwargs: Any) -> None:
+                     mask_type: str = "base", nm_pattern: Optional[str] = None, exact_gradient: bool = True,
+                     **kwargs: Any) -> None:
         d_out, d_in = self.weight_shape
         if r > min(d_in, d_out):
             warnings.warn(f"SparseLoRA r={r} exceeds min(d_in, d_out)={min(d_in, d_out)} of a layer; the update "
@@ -305,6 +317,7 @@ class SparseLoraLayer(BaseTunerLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
+        self.exact_gradient[adapter_name] = bool(exact_gradient)
         self.sparse_lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         weight = self._linear_weight().detach()
         self.sparse_lora_A[adapter_name] = nn.Parameter(torch.empty(r, d_in, device=weight.device, dtype=torch.float32))
@@ -371,11 +384,12 @@ class Linear(nn.Module, SparseLoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, init_weights: bool = True, mask_type: str = "base",
-                 nm_pattern: Optional[str] = None, **kwargs) -> None:
+                 nm_pattern: Optional[str] = None, exact_gradient: bool = True, **kwargs) -> None:
         super().__init__()
         SparseLoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_weights, mask_type, nm_pattern)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_weights, mask_type, nm_pattern,
+                          exact_gradient)
 
     def _write_delta(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
         if self.quant_kind is not None:
@@ -459,14 +473,14 @@ class Linear(nn.Module, SparseLoraLayer):
         whose CPU inference path repacks the weight in place (bitsandbytes issue 2078)."""
         if self.quant_kind is None:
             return self.base_layer(x, *args, **kwargs)
-        return self._fused(x, [(), self.weight_shape, ()])
+        return self._fused(x, [(), self.weight_shape, (), ()])
 
     def _fn_args(self, adapters: list[str]) -> list:
         ab = []
         for a in adapters:
             ab += [self.sparse_lora_A[a], self.sparse_lora_B[a]]
         return [tuple(self.sparse_lora_mask[a] for a in adapters), self.weight_shape,
-                tuple(self.scaling[a] for a in adapters), *ab]
+                tuple(self.scaling[a] for a in adapters), tuple(self.exact_gradient[a] for a in adapters), *ab]
 
     def __repr__(self) -> str:
         return "sparse_lora." + super().__repr__()

@@ -58,6 +58,7 @@ class SparseLoraModel(BaseTuner):
         layer_kwargs = dict(
             r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             init_weights=config.init_weights, mask_type=config.mask_type, nm_pattern=config.nm_pattern,
+            exact_gradient=config.exact_gradient,
         )
         if isinstance(target, Linear):
             target.update_layer(adapter_name, **layer_kwargs)

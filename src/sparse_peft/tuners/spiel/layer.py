@@ -196,13 +196,12 @@ class SpielLayer(BaseTunerLayer):
         else:
             group = detect_group_size(weight)
         self.spiel_group[adapter_name] = group
-        cap = regrowth.group_capacity(nonzero.cpu(), torch.empty(0, dtype=torch.long), group)
-        idx = regrowth.grow(regrowth.random_scores(weight.numel()), k, active=torch.empty(0, dtype=torch.long),
-                            capacity=cap, group_size=group).sort().values
-        partners = regrowth.assign_partners(nonzero.cpu(), idx, weight.abs().reshape(-1).cpu(), group)
+        # Start on the base's non-zeros only: no pruned weight is revived (and no kept weight pruned in exchange)
+        # before a reselection has gradient evidence for it. Every group then holds at most its own non-zeros.
+        idx = regrowth.random_subset(nonzero.cpu(), k)  # (k,) sorted
         device = weight.device
         self.spiel_indices[adapter_name] = idx.to(device=device, dtype=idt)
-        self.spiel_partners[adapter_name] = partners.to(device=device, dtype=idt)
+        self.spiel_partners[adapter_name] = torch.full((k,), regrowth.NO_PARTNER, device=device, dtype=idt)
         self.spiel_fingerprint[adapter_name] = zero_fingerprint(weight).to(device)
 
     # ---- the effective weight ----------------------------------------------------------------------------------

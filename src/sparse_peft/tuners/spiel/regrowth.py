@@ -316,6 +316,15 @@ def assign_partners(
     return partners.index_copy_(0, slots, picked)
 
 
+def random_subset(eligible: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``k`` distinct positions drawn uniformly among the True entries of the 1-D bool ``eligible``, sorted, int64."""
+    pool = eligible.reshape(-1).nonzero().squeeze(1)  # (P,)
+    if k > pool.numel():
+        raise ValueError(f"cannot draw {k} positions from {pool.numel()} eligible ones")
+    pick = torch.randperm(pool.numel(), generator=generator, device=pool.device)[:k]  # (k,)
+    return pool.index_select(0, pick).sort().values
+
+
 def random_scores(numel: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
     """Uniform random scores, for the initial indices."""
     return torch.rand(numel, generator=generator).to(device)
