@@ -104,8 +104,9 @@ def _require_nvcc(torch: ModuleType) -> str:
     try:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise ExtensionBuildError(f"{nvcc} --version failed ({exc}).",
-                                  "set CUDA_HOME to a working CUDA toolkit.") from None
+        raise ExtensionBuildError(
+            f"{nvcc} --version failed ({exc}).", "set CUDA_HOME to a working CUDA toolkit."
+        ) from None
     found = re.search(r"release (\d+)\.(\d+)", out)
     if found and found.group(1) != wanted:
         raise ExtensionBuildError(
@@ -128,8 +129,9 @@ def _arch_list(torch: ModuleType, env: MutableMapping[str, str]) -> str:
 
 def _extension_module() -> ModuleType:
     """``sparse_peft/ops/_extension.py`` loaded by path (stdlib-only imports): it owns the source list and its hash."""
-    spec = importlib.util.spec_from_file_location("_sparse_peft_extension_for_setup",
-                                                  os.path.join(HERE, "src", "sparse_peft", "ops", "_extension.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_sparse_peft_extension_for_setup", os.path.join(HERE, "src", "sparse_peft", "ops", "_extension.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
@@ -157,12 +159,16 @@ def extension_setup_kwargs(env: MutableMapping[str, str] = os.environ) -> dict[s
         # the loader compares this hash with the installed csrc/ to tell a stale prebuilt module from a matching one
         extra_compile_args={"cxx": ["-O3", f"-DSPARSE_PEFT_SOURCES_HASH={ext.sources_hash()}"], "nvcc": ["-O3"]},
     )
-    print(f"sparse_peft: building {ext.PREBUILT} with torch {torch.__version__} (CUDA {torch.version.cuda}) "
-          f"for TORCH_CUDA_ARCH_LIST={archs}")
+    print(
+        f"sparse_peft: building {ext.PREBUILT} with torch {torch.__version__} (CUDA {torch.version.cuda}) "
+        f"for TORCH_CUDA_ARCH_LIST={archs}"
+    )
     return {"ext_modules": [module], "cmdclass": {"build_ext": BuildExtension}}
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for the helpers above
     extra = extension_setup_kwargs()
-    setup(cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth, **extra.pop("cmdclass", {})},
-          **extra)
+    setup(
+        cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth, **extra.pop("cmdclass", {})},
+        **extra,
+    )

@@ -97,9 +97,11 @@ def row(rows: list, **kw) -> None:
 # ------------------------------------------------------------------------------------------------------------ GPU
 def bench_gpu(rows: list, quick: bool) -> None:
     lim = device_limits()
-    print(f"\nGPU: {lim['name']} ({lim['sms']} SMs); HBM limit {lim['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
-          f"dense bf16 {lim['bf16_flops'] / 1e12:.0f} TFLOP/s; extension: {_extension.load() and 'native'} "
-          f"{_extension.status()}")
+    print(
+        f"\nGPU: {lim['name']} ({lim['sms']} SMs); HBM limit {lim['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"dense bf16 {lim['bf16_flops'] / 1e12:.0f} TFLOP/s; extension: {_extension.load() and 'native'} "
+        f"{_extension.status()}"
+    )
     dev, gen = "cuda", torch.Generator(device="cuda").manual_seed(0)
     n = 4096 if quick else 8192
 
@@ -111,22 +113,45 @@ def bench_gpu(rows: list, quick: bool) -> None:
         vals = torch.randn(k, device=dev, generator=gen)
         es = w.element_size()
         moved = 2 * w.numel() * es + k * (8 + 4 + 2 * es)  # read W, write out, indices, values, RMW
-        t = interleaved({
-            "op": lambda: ops.scatter_add_delta(w, idx, vals),
-            "clone": lambda: w.clone(),
-            "reference": lambda: reference.scatter_add_delta(w, idx, vals),
-        }, cuda_time)
+        t = interleaved(
+            {
+                "op": lambda: ops.scatter_add_delta(w, idx, vals),
+                "clone": lambda: w.clone(),
+                "reference": lambda: reference.scatter_add_delta(w, idx, vals),
+            },
+            cuda_time,
+        )
         bw = moved / t["op"]
-        row(rows, case=f"scatter_add_delta {dtype} {n}x{n} 1%", time_ms=t["op"] * 1e3, rate=f"{bw / 1e9:.0f} GB/s",
-            pct_of_limit=100 * bw / lim["hbm_bytes_per_s"], goal=">=80% HBM", met=bw >= 0.8 * lim["hbm_bytes_per_s"])
-        row(rows, case=f"  torch clone (copy ceiling) {dtype}", time_ms=t["clone"] * 1e3,
+        row(
+            rows,
+            case=f"scatter_add_delta {dtype} {n}x{n} 1%",
+            time_ms=t["op"] * 1e3,
+            rate=f"{bw / 1e9:.0f} GB/s",
+            pct_of_limit=100 * bw / lim["hbm_bytes_per_s"],
+            goal=">=80% HBM",
+            met=bw >= 0.8 * lim["hbm_bytes_per_s"],
+        )
+        row(
+            rows,
+            case=f"  torch clone (copy ceiling) {dtype}",
+            time_ms=t["clone"] * 1e3,
             rate=f"{2 * w.numel() * es / t['clone'] / 1e9:.0f} GB/s",
-            pct_of_limit=100 * 2 * w.numel() * es / t["clone"] / lim["hbm_bytes_per_s"])
-        row(rows, case=f"  reference on GPU {dtype}", time_ms=t["reference"] * 1e3, speedup=t["reference"] / t["op"],
-            baseline="op (op is faster by)")
+            pct_of_limit=100 * 2 * w.numel() * es / t["clone"] / lim["hbm_bytes_per_s"],
+        )
+        row(
+            rows,
+            case=f"  reference on GPU {dtype}",
+            time_ms=t["reference"] * 1e3,
+            speedup=t["reference"] / t["op"],
+            baseline="op (op is faster by)",
+        )
         ti = cuda_time(lambda: ops.scatter_add_delta_(w, idx, vals, alpha=0.0))
-        row(rows, case=f"scatter_add_delta_ (in place) {dtype} 1%", time_ms=ti * 1e3,
-            rate=f"{k * (8 + 4 + 2 * es) / ti / 1e9:.0f} GB/s (sparse part)")
+        row(
+            rows,
+            case=f"scatter_add_delta_ (in place) {dtype} 1%",
+            time_ms=ti * 1e3,
+            rate=f"{k * (8 + 4 + 2 * es) / ti / 1e9:.0f} GB/s (sparse part)",
+        )
         del w, idx, vals
 
     # gather_weight_grad (SDDMM) vs dense gradient + gather, bf16, 1% density
@@ -136,21 +161,38 @@ def bench_gpu(rows: list, quick: bool) -> None:
         x = torch.randn(T, d_in, device=dev, generator=gen, dtype=torch.bfloat16)
         k = int(d_out * d_in * density)
         idx = torch.randperm(d_out * d_in, device=dev, generator=gen)[:k]
-        t = interleaved({
-            "op": lambda: ops.gather_weight_grad(g, x, idx),
-            "dense16": lambda: (g.t() @ x).view(-1)[idx],
-            "dense32": lambda: torch.mm(g.t(), x, out_dtype=torch.float32).view(-1)[idx],
-        }, cuda_time)
+        t = interleaved(
+            {
+                "op": lambda: ops.gather_weight_grad(g, x, idx),
+                "dense16": lambda: (g.t() @ x).view(-1)[idx],
+                "dense32": lambda: torch.mm(g.t(), x, out_dtype=torch.float32).view(-1)[idx],
+            },
+            cuda_time,
+        )
         flops = 2.0 * T * k
-        row(rows, case=f"gather_weight_grad bf16 T={T} {d_out}x{d_in} {density:.1%}", time_ms=t["op"] * 1e3,
-            rate=f"{flops / t['op'] / 1e12:.1f} TFLOP/s useful", speedup=t["dense16"] / t["op"],
+        row(
+            rows,
+            case=f"gather_weight_grad bf16 T={T} {d_out}x{d_in} {density:.1%}",
+            time_ms=t["op"] * 1e3,
+            rate=f"{flops / t['op'] / 1e12:.1f} TFLOP/s useful",
+            speedup=t["dense16"] / t["op"],
             baseline="bf16 dense grad + gather",
-            **({"goal": ">=3x at 1%", "met": t["dense16"] / t["op"] >= 3.0} if density == 0.01 else {}))
-        row(rows, case="  dense bf16 grad + gather", time_ms=t["dense16"] * 1e3,
+            **({"goal": ">=3x at 1%", "met": t["dense16"] / t["op"] >= 3.0} if density == 0.01 else {}),
+        )
+        row(
+            rows,
+            case="  dense bf16 grad + gather",
+            time_ms=t["dense16"] * 1e3,
             rate=f"{2.0 * T * d_out * d_in / t['dense16'] / 1e12:.0f} TFLOP/s",
-            pct_of_limit=100 * 2.0 * T * d_out * d_in / t["dense16"] / lim["bf16_flops"])
-        row(rows, case="  dense grad (fp32 out) + gather", time_ms=t["dense32"] * 1e3, speedup=t["dense32"] / t["op"],
-            baseline="fp32-out dense grad + gather")
+            pct_of_limit=100 * 2.0 * T * d_out * d_in / t["dense16"] / lim["bf16_flops"],
+        )
+        row(
+            rows,
+            case="  dense grad (fp32 out) + gather",
+            time_ms=t["dense32"] * 1e3,
+            speedup=t["dense32"] / t["op"],
+            baseline="fp32-out dense grad + gather",
+        )
 
     # partial_weight_grad (S2FT) at 1% of input columns vs the full weight gradient
     d_out, d_in = 4096, 11008
@@ -158,18 +200,32 @@ def bench_gpu(rows: list, quick: bool) -> None:
     x = torch.randn(T, d_in, device=dev, generator=gen, dtype=torch.bfloat16)
     cols = torch.randperm(d_in, device=dev, generator=gen)[: d_in // 100]
     rows_sel = torch.randperm(d_out, device=dev, generator=gen)[: d_out // 100]
-    t = interleaved({
-        "cols": lambda: ops.partial_weight_grad(g, x, cols=cols),
-        "rows": lambda: ops.partial_weight_grad(g, x, rows=rows_sel),
-        "full": lambda: g.t() @ x,
-        "full32": lambda: torch.mm(g.t(), x, out_dtype=torch.float32),
-    }, cuda_time)
+    t = interleaved(
+        {
+            "cols": lambda: ops.partial_weight_grad(g, x, cols=cols),
+            "rows": lambda: ops.partial_weight_grad(g, x, rows=rows_sel),
+            "full": lambda: g.t() @ x,
+            "full32": lambda: torch.mm(g.t(), x, out_dtype=torch.float32),
+        },
+        cuda_time,
+    )
     for what in ("cols", "rows"):
-        row(rows, case=f"partial_weight_grad bf16 T={T} {d_out}x{d_in} 1% {what}", time_ms=t[what] * 1e3,
-            speedup=t["full"] / t[what], baseline="full bf16 weight grad", goal=">=5x", met=t["full"] / t[what] >= 5)
-    row(rows, case="  full bf16 weight grad", time_ms=t["full"] * 1e3,
+        row(
+            rows,
+            case=f"partial_weight_grad bf16 T={T} {d_out}x{d_in} 1% {what}",
+            time_ms=t[what] * 1e3,
+            speedup=t["full"] / t[what],
+            baseline="full bf16 weight grad",
+            goal=">=5x",
+            met=t["full"] / t[what] >= 5,
+        )
+    row(
+        rows,
+        case="  full bf16 weight grad",
+        time_ms=t["full"] * 1e3,
         rate=f"{2.0 * T * d_out * d_in / t['full'] / 1e12:.0f} TFLOP/s",
-        pct_of_limit=100 * 2.0 * T * d_out * d_in / t["full"] / lim["bf16_flops"])
+        pct_of_limit=100 * 2.0 * T * d_out * d_in / t["full"] / lim["bf16_flops"],
+    )
 
     # masked_lora_grad: blocked cuBLAS path vs the fp32 reference, time and peak memory
     d_out, d_in, r = 4096, 4096, 16
@@ -179,25 +235,39 @@ def bench_gpu(rows: list, quick: bool) -> None:
     b = torch.randn(d_out, r, device=dev, generator=gen, dtype=torch.bfloat16)
     mask = torch.rand(d_out, d_in, device=dev, generator=gen) > 0.5
     peaks = {}
-    for name, fn in (("op", lambda: ops.masked_lora_grad(g, x, a, b, mask, 2.0)),
-                     ("reference", lambda: reference.masked_lora_grad(g, x, a, b, mask, 2.0))):
+    for name, fn in (
+        ("op", lambda: ops.masked_lora_grad(g, x, a, b, mask, 2.0)),
+        ("reference", lambda: reference.masked_lora_grad(g, x, a, b, mask, 2.0)),
+    ):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
         peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    t = interleaved({"op": lambda: ops.masked_lora_grad(g, x, a, b, mask, 2.0),
-                     "reference": lambda: reference.masked_lora_grad(g, x, a, b, mask, 2.0)}, cuda_time)
-    row(rows, case=f"masked_lora_grad bf16 T={T} {d_out}x{d_in} r={r}", time_ms=t["op"] * 1e3,
-        rate=f"peak +{peaks['op']:.0f} MiB", speedup=t["reference"] / t["op"],
-        baseline=f"fp32 reference (peak +{peaks['reference']:.0f} MiB)")
+    t = interleaved(
+        {
+            "op": lambda: ops.masked_lora_grad(g, x, a, b, mask, 2.0),
+            "reference": lambda: reference.masked_lora_grad(g, x, a, b, mask, 2.0),
+        },
+        cuda_time,
+    )
+    row(
+        rows,
+        case=f"masked_lora_grad bf16 T={T} {d_out}x{d_in} r={r}",
+        time_ms=t["op"] * 1e3,
+        rate=f"peak +{peaks['op']:.0f} MiB",
+        speedup=t["reference"] / t["op"],
+        baseline=f"fp32 reference (peak +{peaks['reference']:.0f} MiB)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ CPU
 def bench_cpu(rows: list) -> None:
-    print(f"\nCPU reference ops ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
-          "small shapes, interleaved medians; absolute times are noisy, read the ratios")
+    print(
+        f"\nCPU reference ops ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
+        "small shapes, interleaved medians; absolute times are noisy, read the ratios"
+    )
     gen = torch.Generator().manual_seed(0)
     n = 1024
     w = torch.randn(n, n, generator=gen)
@@ -205,28 +275,48 @@ def bench_cpu(rows: list) -> None:
     idx = torch.randperm(w.numel(), generator=gen)[:k]
     vals = torch.randn(k, generator=gen)
     t = interleaved({"op": lambda: ops.scatter_add_delta(w, idx, vals), "clone": lambda: w.clone()}, cpu_time, 3)
-    row(rows, case=f"cpu scatter_add_delta fp32 {n}x{n} 1%", time_ms=t["op"] * 1e3,
-        rate=f"{(2 * w.numel() * 4 + k * 16) / t['op'] / 1e9:.1f} GB/s", speedup=t["clone"] / t["op"],
-        baseline="clone (ratio <1: slower)")
+    row(
+        rows,
+        case=f"cpu scatter_add_delta fp32 {n}x{n} 1%",
+        time_ms=t["op"] * 1e3,
+        rate=f"{(2 * w.numel() * 4 + k * 16) / t['op'] / 1e9:.1f} GB/s",
+        speedup=t["clone"] / t["op"],
+        baseline="clone (ratio <1: slower)",
+    )
     T, d = 512, 1024
     g, x = torch.randn(T, d, generator=gen), torch.randn(T, d, generator=gen)
     for density in (0.01, 0.001):
         k = int(d * d * density)
         idx = torch.randperm(d * d, generator=gen)[:k]
-        t = interleaved({"op": lambda: ops.gather_weight_grad(g, x, idx),
-                         "dense": lambda: (g.t() @ x).view(-1)[idx]}, cpu_time, 3)
-        row(rows, case=f"cpu gather_weight_grad fp32 T={T} {d}x{d} {density:.1%}", time_ms=t["op"] * 1e3,
-            speedup=t["dense"] / t["op"], baseline="dense grad + gather")
+        t = interleaved(
+            {"op": lambda: ops.gather_weight_grad(g, x, idx), "dense": lambda: (g.t() @ x).view(-1)[idx]}, cpu_time, 3
+        )
+        row(
+            rows,
+            case=f"cpu gather_weight_grad fp32 T={T} {d}x{d} {density:.1%}",
+            time_ms=t["op"] * 1e3,
+            speedup=t["dense"] / t["op"],
+            baseline="dense grad + gather",
+        )
     cols = torch.randperm(d, generator=gen)[: d // 100]
     t = interleaved({"op": lambda: ops.partial_weight_grad(g, x, cols=cols), "full": lambda: g.t() @ x}, cpu_time, 3)
-    row(rows, case=f"cpu partial_weight_grad fp32 T={T} {d}x{d} 1% cols", time_ms=t["op"] * 1e3,
-        speedup=t["full"] / t["op"], baseline="full weight grad")
+    row(
+        rows,
+        case=f"cpu partial_weight_grad fp32 T={T} {d}x{d} 1% cols",
+        time_ms=t["op"] * 1e3,
+        speedup=t["full"] / t["op"],
+        baseline="full weight grad",
+    )
     a, b = torch.randn(16, d, generator=gen), torch.randn(d, 16, generator=gen)
     mask = torch.rand(d, d, generator=gen) > 0.5
-    t = interleaved({"op": lambda: ops.masked_lora_grad(g, x, a, b, mask, 2.0), "full": lambda: g.t() @ x},
-                    cpu_time, 3)
-    row(rows, case=f"cpu masked_lora_grad fp32 T={T} {d}x{d} r=16", time_ms=t["op"] * 1e3,
-        speedup=t["full"] / t["op"], baseline="full weight grad")
+    t = interleaved({"op": lambda: ops.masked_lora_grad(g, x, a, b, mask, 2.0), "full": lambda: g.t() @ x}, cpu_time, 3)
+    row(
+        rows,
+        case=f"cpu masked_lora_grad fp32 T={T} {d}x{d} r=16",
+        time_ms=t["op"] * 1e3,
+        speedup=t["full"] / t["op"],
+        baseline="full weight grad",
+    )
 
 
 def main() -> None:

@@ -83,8 +83,16 @@ def modifier(method: str, mask_structure: str):
 
 
 def modifier_settings(mod) -> dict:
-    keys = ("sparsity", "mask_structure", "targets", "ignore", "block_size", "dampening_frac",
-            "preserve_sparsity_mask", "sparsity_profile")
+    keys = (
+        "sparsity",
+        "mask_structure",
+        "targets",
+        "ignore",
+        "block_size",
+        "dampening_frac",
+        "preserve_sparsity_mask",
+        "sparsity_profile",
+    )
     return {k: getattr(mod, k) for k in keys if hasattr(mod, k)}
 
 
@@ -102,28 +110,41 @@ def main():
     model, tokenizer, calib_texts, calib, eval_ids = protocol(args)
     dataset = calibration_dataset(calib)
     ds_defaults = DatasetArguments()
-    oneshot_options = dict(num_calibration_samples=args.nsamples, max_seq_length=args.seq_len,
-                           shuffle_calibration_samples=False)
+    oneshot_options = dict(
+        num_calibration_samples=args.nsamples, max_seq_length=args.seq_len, shuffle_calibration_samples=False
+    )
 
     rows = []
     meta = {
-        "model": "SmolLM2-135M-Instruct (fp32)", "seed": args.seed, "nsamples": args.nsamples,
+        "model": "SmolLM2-135M-Instruct (fp32)",
+        "seed": args.seed,
+        "nsamples": args.nsamples,
         "seq_len": args.seq_len,
-        "calib_texts": len(calib_texts), "eval_blocks": int(eval_ids.shape[0]),
+        "calib_texts": len(calib_texts),
+        "eval_blocks": int(eval_ids.shape[0]),
         "calibration": "sparse_peft calibration_from_texts(..., seed=--seed), fed to oneshot as a pre-tokenized "
-                       "datasets.Dataset (input_ids, attention_mask)",
-        "oneshot": {**oneshot_options, "batch_size": ds_defaults.batch_size,
-                    "pipeline": f"{ds_defaults.pipeline} (default; infers sequential for these modifiers)",
-                    "sequential_targets": "default: the model's _no_split_modules (LlamaDecoderLayer)",
-                    "propagate_error": ds_defaults.propagate_error,
-                    "data_collator": ds_defaults.data_collator},
-        "versions": {"llmcompressor": getattr(llmcompressor, "__version__", None) or version("llmcompressor"),
-                     "compressed-tensors": version("compressed-tensors"), "transformers": version("transformers"),
-                     "torch": torch.__version__, "datasets": version("datasets")},
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "datasets.Dataset (input_ids, attention_mask)",
+        "oneshot": {
+            **oneshot_options,
+            "batch_size": ds_defaults.batch_size,
+            "pipeline": f"{ds_defaults.pipeline} (default; infers sequential for these modifiers)",
+            "sequential_targets": "default: the model's _no_split_modules (LlamaDecoderLayer)",
+            "propagate_error": ds_defaults.propagate_error,
+            "data_collator": ds_defaults.data_collator,
+        },
+        "versions": {
+            "llmcompressor": getattr(llmcompressor, "__version__", None) or version("llmcompressor"),
+            "compressed-tensors": version("compressed-tensors"),
+            "transformers": version("transformers"),
+            "torch": torch.__version__,
+            "datasets": version("datasets"),
+        },
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
         "load_average_start": load_average(),
         "note": "seconds = wall time of oneshot(); cpu_s = process CPU time; load = 1/5/15-min load average "
-                "before and after the row; every row starts from a freshly loaded dense model",
+        "before and after the row; every row starts from a freshly loaded dense model",
     }
 
     def save():
@@ -134,13 +155,28 @@ def main():
     def record(label, pattern, seconds, cpu_s, report, load_before, settings=None):
         ppl = perplexity(model, eval_ids, progress=False)
         ratio = ppl / rows[0]["ppl"] if rows else 1.0
-        rows.append({"method": label, "pattern": pattern, "ppl": ppl, "ratio_to_dense": ratio, "seconds": seconds,
-                     "cpu_s": cpu_s, "sparsity": report.sparsity, "nm_valid": report.nm_valid,
-                     "modules": len(report.modules), "modifier": settings, "load_before": load_before,
-                     "load_after": load_average()})
+        rows.append(
+            {
+                "method": label,
+                "pattern": pattern,
+                "ppl": ppl,
+                "ratio_to_dense": ratio,
+                "seconds": seconds,
+                "cpu_s": cpu_s,
+                "sparsity": report.sparsity,
+                "nm_valid": report.nm_valid,
+                "modules": len(report.modules),
+                "modifier": settings,
+                "load_before": load_before,
+                "load_after": load_average(),
+            }
+        )
         nm = "" if report.nm_valid is None else f"  2:4 valid {report.nm_valid}"
-        print(f"{label:<16} {pattern:>5}  ppl {ppl:8.2f}  {ratio:5.2f}x dense  oneshot {seconds:6.1f} s  "
-              f"(cpu {cpu_s:6.1f} s, load {load_before[0]:.1f})  sparsity {report.sparsity:.2%}{nm}", flush=True)
+        print(
+            f"{label:<16} {pattern:>5}  ppl {ppl:8.2f}  {ratio:5.2f}x dense  oneshot {seconds:6.1f} s  "
+            f"(cpu {cpu_s:6.1f} s, load {load_before[0]:.1f})  sparsity {report.sparsity:.2%}{nm}",
+            flush=True,
+        )
         save()  # partial results survive an interrupted run
 
     record("dense", "-", 0.0, 0.0, sparsity_report(model), load_average())
@@ -159,8 +195,10 @@ def main():
 
     print("\n| method | pattern | perplexity | × dense | sparsity | oneshot (s) |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['ratio_to_dense']:.2f} | "
-              f"{r['sparsity']:.2%} | {r['seconds']:.0f} |")
+        print(
+            f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['ratio_to_dense']:.2f} | "
+            f"{r['sparsity']:.2%} | {r['seconds']:.0f} |"
+        )
     meta["load_average_end"] = load_average()
     save()
     print(f"wrote {args.out}")

@@ -45,8 +45,12 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     """The calibration / evaluation protocol's options, shared with ``compare_llmcompressor.py``."""
     p.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--calib-texts", type=int, default=3000,
-                   help="draw calibration windows from the first N train articles (0: all of them)")
+    p.add_argument(
+        "--calib-texts",
+        type=int,
+        default=3000,
+        help="draw calibration windows from the first N train articles (0: all of them)",
+    )
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="which random calibration windows to draw")
     p.add_argument("--eval-blocks", type=int, default=128, help="held-out blocks of --seq-len tokens")
@@ -72,17 +76,31 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT's Hessian damping")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT's lazy-update block width")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
-                   help="per-layer sparsity (owl only applies to the 50%% pattern)")
-    p.add_argument("--per-block", action="store_true",
-                   help="true_sequential=False: each block's layers from the unpruned block's statistics")
+    p.add_argument(
+        "--allocation",
+        default="uniform",
+        choices=["uniform", "owl"],
+        help="per-layer sparsity (owl only applies to the 50%% pattern)",
+    )
+    p.add_argument(
+        "--per-block",
+        action="store_true",
+        help="true_sequential=False: each block's layers from the unpruned block's statistics",
+    )
     p.add_argument("--no-repair", action="store_true", help="skip the +dsnot rows")
     p.add_argument("--repair-only", action="store_true", help="skip the rows without DSnoT")
-    p.add_argument("--refit", default="off", choices=["off", "on", "both"],
-                   help="least-squares refit of the kept weights after pruning (and DSnoT): rows without it, "
-                        "with it (labelled +refit), or both")
-    p.add_argument("--separate-repair", action="store_true",
-                   help="+dsnot = prune, then repair() in its own pass (instead of prune(..., repair=True))")
+    p.add_argument(
+        "--refit",
+        default="off",
+        choices=["off", "on", "both"],
+        help="least-squares refit of the kept weights after pruning (and DSnoT): rows without it, "
+        "with it (labelled +refit), or both",
+    )
+    p.add_argument(
+        "--separate-repair",
+        action="store_true",
+        help="+dsnot = prune, then repair() in its own pass (instead of prune(..., repair=True))",
+    )
     p.add_argument("--out", default="benchmarks/results/pruning.json")
     return p.parse_args()
 
@@ -122,16 +140,27 @@ def main():
     args = parse_args()
     model, tokenizer, calib_texts, calib, eval_ids = protocol(args)
     dense = dense_snapshot(model)
-    options = dict(blocksize=args.blocksize, percdamp=args.percdamp, true_sequential=not args.per_block,
-                   batch_size=args.batch_size)
+    options = dict(
+        blocksize=args.blocksize, percdamp=args.percdamp, true_sequential=not args.per_block, batch_size=args.batch_size
+    )
     rows = []
-    meta = {"model": "SmolLM2-135M-Instruct (fp32)", "seed": args.seed, "nsamples": args.nsamples,
-            "seq_len": args.seq_len,
-            "calib_texts": len(calib_texts), "eval_blocks": int(eval_ids.shape[0]), "allocation": args.allocation,
-            **options, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "platform": platform.platform(), "load_average_start": load_average(),
-            "note": "seconds = prune_s + repair_s + refit_s (wall); cpu_s = process CPU time; load = 1/5/15-min "
-                    "load average before and after the row"}
+    meta = {
+        "model": "SmolLM2-135M-Instruct (fp32)",
+        "seed": args.seed,
+        "nsamples": args.nsamples,
+        "seq_len": args.seq_len,
+        "calib_texts": len(calib_texts),
+        "eval_blocks": int(eval_ids.shape[0]),
+        "allocation": args.allocation,
+        **options,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_average_start": load_average(),
+        "note": "seconds = prune_s + repair_s + refit_s (wall); cpu_s = process CPU time; load = 1/5/15-min "
+        "load average before and after the row",
+    }
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -142,12 +171,28 @@ def main():
         ppl = perplexity(model, eval_ids, progress=False)
         ratio = ppl / rows[0]["ppl"] if rows else 1.0
         total = prune_s + repair_s + refit_s
-        rows.append({"method": label, "pattern": pattern, "ppl": ppl, "ratio_to_dense": ratio,
-                     "prune_s": prune_s, "repair_s": repair_s, "refit_s": refit_s, "seconds": total, "cpu_s": cpu_s,
-                     "sparsity": sparsity, "load_before": load_before, "load_after": load_average()})
-        print(f"{label:<24} {pattern:>5}  ppl {ppl:8.2f}  {ratio:5.2f}x dense  prune {prune_s:6.1f} s  "
-              f"repair {repair_s:6.1f} s  refit {refit_s:6.1f} s  total {total:6.1f} s  (cpu {cpu_s:6.1f} s, "
-              f"load {load_before[0]:.1f})  sparsity {sparsity:.2%}", flush=True)
+        rows.append(
+            {
+                "method": label,
+                "pattern": pattern,
+                "ppl": ppl,
+                "ratio_to_dense": ratio,
+                "prune_s": prune_s,
+                "repair_s": repair_s,
+                "refit_s": refit_s,
+                "seconds": total,
+                "cpu_s": cpu_s,
+                "sparsity": sparsity,
+                "load_before": load_before,
+                "load_after": load_average(),
+            }
+        )
+        print(
+            f"{label:<24} {pattern:>5}  ppl {ppl:8.2f}  {ratio:5.2f}x dense  prune {prune_s:6.1f} s  "
+            f"repair {repair_s:6.1f} s  refit {refit_s:6.1f} s  total {total:6.1f} s  (cpu {cpu_s:6.1f} s, "
+            f"load {load_before[0]:.1f})  sparsity {sparsity:.2%}",
+            flush=True,
+        )
         save()  # partial results survive an interrupted run
 
     record("dense", "-", 0.0, 0.0, 0.0, 0.0, load_average())
@@ -162,8 +207,17 @@ def main():
                 load_before, cpu0, start = load_average(), time.process_time(), time.perf_counter()
                 inline = with_repair and not args.separate_repair
                 with timed("dsnot_layer") as dsnot_s, timed("refit_layer") as refit_s:
-                    report = prune(model, method, sparsity, nm, calib, allocation=allocation, repair=inline,
-                                   refit=with_refit, **options)
+                    report = prune(
+                        model,
+                        method,
+                        sparsity,
+                        nm,
+                        calib,
+                        allocation=allocation,
+                        repair=inline,
+                        refit=with_refit,
+                        **options,
+                    )
                 total = time.perf_counter() - start
                 prune_s, repair_s = total - dsnot_s[0] - refit_s[0], dsnot_s[0]
                 if with_repair and args.separate_repair:
@@ -172,14 +226,26 @@ def main():
                     repair_s = time.perf_counter() - start
                 assert nm is None or report.nm_valid
                 label = method + ("+dsnot" if with_repair else "") + ("+refit" if with_refit else "")
-                record(label, pattern, prune_s, repair_s, time.process_time() - cpu0, report.sparsity, load_before,
-                       refit_s[0])
+                record(
+                    label,
+                    pattern,
+                    prune_s,
+                    repair_s,
+                    time.process_time() - cpu0,
+                    report.sparsity,
+                    load_before,
+                    refit_s[0],
+                )
 
-    print("\n| method | pattern | perplexity | × dense | prune (s) | repair (s) | refit (s) | total (s) |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| method | pattern | perplexity | × dense | prune (s) | repair (s) | refit (s) | total (s) |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['ratio_to_dense']:.2f} | {r['prune_s']:.0f} | "
-              f"{r['repair_s']:.0f} | {r['refit_s']:.0f} | {r['seconds']:.0f} |")
+        print(
+            f"| {r['method']} | {r['pattern']} | {r['ppl']:.2f} | {r['ratio_to_dense']:.2f} | {r['prune_s']:.0f} | "
+            f"{r['repair_s']:.0f} | {r['refit_s']:.0f} | {r['seconds']:.0f} |"
+        )
     meta["load_average_end"] = load_average()
     save()
     print(f"wrote {args.out}")

@@ -39,8 +39,15 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def smollm2_shaped(layers: int, sparsity: float, nm: str | None, seed: int = 0) -> torch.nn.Module:
     """A random Llama with SmolLM2-135M's projection shapes (tiny vocabulary), pruned at random or N:M."""
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                                   num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -57,8 +64,9 @@ def smollm2_shaped(layers: int, sparsity: float, nm: str | None, seed: int = 0) 
 
 def bench_reselect(args) -> dict:
     base = smollm2_shaped(args.layers, 0.5, args.nm)
-    config = sparse_peft.SpielConfig(r=args.r, target_modules=TARGETS, total_steps=200, auto_reselection=False,
-                                     task_type="CAUSAL_LM")
+    config = sparse_peft.SpielConfig(
+        r=args.r, target_modules=TARGETS, total_steps=200, auto_reselection=False, task_type="CAUSAL_LM"
+    )
     t0 = time.perf_counter()
     model = get_peft_model(base, config)
     setup = time.perf_counter() - t0
@@ -83,9 +91,17 @@ def bench_reselect(args) -> dict:
         tuner.spiel_step(opt)
         times.append(st["reselect_seconds"] - before)
         moved.append(st["changed"] - changed)
-    return {"modules": len(layers), "positions": positions, "k": k, "seft": bool(config.preserve_sparsity),
-            "group": layers[0].spiel_group.get("default"), "setup_s": setup, "times_s": times,
-            "median_s": statistics.median(times), "slots_moved": moved[-1]}
+    return {
+        "modules": len(layers),
+        "positions": positions,
+        "k": k,
+        "seft": bool(config.preserve_sparsity),
+        "group": layers[0].spiel_group.get("default"),
+        "setup_s": setup,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "slots_moved": moved[-1],
+    }
 
 
 def _sampled_addmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -98,8 +114,9 @@ def _sampled_addmm(g: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch
     crow[1:] = torch.bincount(sidx // d_in, minlength=d_out).cumsum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(crow, sidx % d_in, torch.zeros(idx.numel()), size=(d_out, d_in),
-                                          check_invariants=False)
+        pattern = torch.sparse_csr_tensor(
+            crow, sidx % d_in, torch.zeros(idx.numel()), size=(d_out, d_in), check_invariants=False
+        )
         vals = torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x, beta=0.0).values()
     out = torch.empty_like(vals)
     out[order] = vals
@@ -124,12 +141,16 @@ def bench_value_grad(args) -> dict:
     times = {name: [] for name in fns}
     names = list(fns)
     for rep in range(args.grad_reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotate: each runs after each other
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate: each runs after each other
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
-    return {"shape": [d_out, d_in], "tokens": tokens, "k": k,
-            "median_s": {n: statistics.median(t) for n, t in times.items()}}
+    return {
+        "shape": [d_out, d_in],
+        "tokens": tokens,
+        "k": k,
+        "median_s": {n: statistics.median(t) for n, t in times.items()},
+    }
 
 
 def main() -> None:
@@ -142,20 +163,28 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--out", default="benchmarks/results/spiel_reselect.json")
     args = ap.parse_args()
-    result = {"date": str(date.today()), "args": vars(args), "threads": torch.get_num_threads(),
-              "cpu": platform.processor() or platform.machine()}
+    result = {
+        "date": str(date.today()),
+        "args": vars(args),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
     if args.reselect_reps > 0:
         res = bench_reselect(args)
         result["reselect"] = res
-        print(f"reselection: {res['modules']} modules, {res['positions']:,} positions, k={res['k']:,}, "
-              f"SEFT={res['seft']} (group {res['group']}), {torch.get_num_threads()} threads: median "
-              f"{res['median_s']:.2f} s over {args.reselect_reps} reps "
-              f"({', '.join(f'{t:.2f}' for t in res['times_s'])}); {res['slots_moved']:,} slots moved")
+        print(
+            f"reselection: {res['modules']} modules, {res['positions']:,} positions, k={res['k']:,}, "
+            f"SEFT={res['seft']} (group {res['group']}), {torch.get_num_threads()} threads: median "
+            f"{res['median_s']:.2f} s over {args.reselect_reps} reps "
+            f"({', '.join(f'{t:.2f}' for t in res['times_s'])}); {res['slots_moved']:,} slots moved"
+        )
     if args.grad_reps > 0:
         res = bench_value_grad(args)
         result["value_grad"] = res
-        print(f"value gradient {res['shape'][0]}x{res['shape'][1]}, T={res['tokens']}, k={res['k']:,} "
-              f"(median of {args.grad_reps}):")
+        print(
+            f"value gradient {res['shape'][0]}x{res['shape'][1]}, T={res['tokens']}, k={res['k']:,} "
+            f"(median of {args.grad_reps}):"
+        )
         for name, t in res["median_s"].items():
             print(f"  {name:<24} {1e3 * t:8.1f} ms")
     out = Path(args.out)

@@ -155,9 +155,13 @@ def use_clock(name: str) -> None:
 
 
 def add_clock_arg(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                    help="wall: wall-clock time on all threads; cpu: process CPU time on one thread, robust to other "
-                         "load on the machine")
+    ap.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: wall-clock time on all threads; cpu: process CPU time on one thread, robust to other "
+        "load on the machine",
+    )
 
 
 def timed_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor) -> float:
@@ -196,8 +200,7 @@ def main() -> None:
     results = []
     for grad_ckpt in [False] + ([] if args.no_grad_ckpt_variant else [True]):
         models = {m: build(m, base, args.r, grad_ckpt) for m in methods}
-        opts = {m: torch.optim.AdamW(trainable_params(mod), lr=1e-4)
-                for m, mod in models.items()}
+        opts = {m: torch.optim.AdamW(trainable_params(mod), lr=1e-4) for m, mod in models.items()}
         mem = {m: state_bytes(mod) + saved_bytes(mod, batch) for m, mod in models.items()}
         for m in methods:  # warm-up (allocates optimizer state)
             timed_step(models[m], opts[m], batch)
@@ -209,31 +212,44 @@ def main() -> None:
                 times[m].append(t[m])
                 ratios[m].append(t[m] / t["lora"])
         for m in methods:
-            results.append({
-                "method": m, "grad_ckpt": grad_ckpt,
-                "trainable": sum(p.numel() for p in trainable_params(models[m])),
-                "memory_bytes": mem[m], "memory_ratio": mem[m] / mem["lora"],
-                "median_step_s": statistics.median(times[m]),
-                "time_ratio_median": statistics.median(ratios[m]),
-                "time_ratio_range": [min(ratios[m]), max(ratios[m])],
-            })
+            results.append(
+                {
+                    "method": m,
+                    "grad_ckpt": grad_ckpt,
+                    "trainable": sum(p.numel() for p in trainable_params(models[m])),
+                    "memory_bytes": mem[m],
+                    "memory_ratio": mem[m] / mem["lora"],
+                    "median_step_s": statistics.median(times[m]),
+                    "time_ratio_median": statistics.median(ratios[m]),
+                    "time_ratio_range": [min(ratios[m]), max(ratios[m])],
+                }
+            )
         del models, opts
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"SmolLM2-135M, 50% magnitude mask, seq {args.seq_len}, batch {args.batch}, r={args.r}, "
-          f"{args.rounds} interleaved rounds, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, {args.clock} clock")
-    print(f"{'method':<20} {'grad ckpt':>9} {'trainable':>11} {'memory MB':>10} {'mem/LoRA':>9} "
-          f"{'step s':>7} {'time/LoRA':>10} {'range':>13}")
+    print(
+        f"SmolLM2-135M, 50% magnitude mask, seq {args.seq_len}, batch {args.batch}, r={args.r}, "
+        f"{args.rounds} interleaved rounds, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, {args.clock} clock"
+    )
+    print(
+        f"{'method':<20} {'grad ckpt':>9} {'trainable':>11} {'memory MB':>10} {'mem/LoRA':>9} "
+        f"{'step s':>7} {'time/LoRA':>10} {'range':>13}"
+    )
     for r in results:
         lo, hi = r["time_ratio_range"]
-        print(f"{r['method']:<20} {str(r['grad_ckpt']):>9} {r['trainable']:>11,} {r['memory_bytes'] / 2**20:>10.1f} "
-              f"{r['memory_ratio']:>8.2f}x {r['median_step_s']:>7.2f} {r['time_ratio_median']:>9.2f}x "
-              f"{lo:>6.2f}-{hi:.2f}x")
+        print(
+            f"{r['method']:<20} {str(r['grad_ckpt']):>9} {r['trainable']:>11,} {r['memory_bytes'] / 2**20:>10.1f} "
+            f"{r['memory_ratio']:>8.2f}x {r['median_step_s']:>7.2f} {r['time_ratio_median']:>9.2f}x "
+            f"{lo:>6.2f}-{hi:.2f}x"
+        )
     print(f"peak RSS of the whole run: {peak_rss_mb:.0f} MB (secondary: all models live in one process)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": str(date.today()), "args": vars(args), "peak_rss_mb": peak_rss_mb,
-                               "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"date": str(date.today()), "args": vars(args), "peak_rss_mb": peak_rss_mb, "results": results}, indent=2
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -34,8 +34,15 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import (add_clock_arg, build, magnitude_prune_, saved_bytes, state_bytes, timed_step,  # noqa: E402
-                        use_clock)
+from train_step import (
+    add_clock_arg,
+    build,
+    magnitude_prune_,
+    saved_bytes,
+    state_bytes,
+    timed_step,  # noqa: E402
+    use_clock,
+)
 
 import sparse_peft  # noqa: E402
 from peft import get_peft_model  # noqa: E402
@@ -94,7 +101,9 @@ def main() -> None:
     methods = args.methods.split(",")
     assert methods[0] == "lora", "LoRA comes first: every ratio is taken against it"
     models = {m: build_any(m, base, args.r) for m in methods}
-    opts = {m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-4) for m, mod in models.items()}
+    opts = {
+        m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-4) for m, mod in models.items()
+    }
     mem = {m: state_bytes(mod) + saved_bytes(mod, batch) for m, mod in models.items()}
     for m in methods:  # warm-up (allocates optimizer state)
         timed_step(models[m], opts[m], batch)
@@ -113,8 +122,11 @@ def main() -> None:
     for m in methods:
         trainable = sum(p.numel() for p in models[m].parameters() if p.requires_grad)
         row = {
-            "method": m, "trainable": trainable, "trainable_pct": 100 * trainable / total,
-            "memory_bytes": mem[m], "memory_ratio_lora": mem[m] / mem["lora"],
+            "method": m,
+            "trainable": trainable,
+            "trainable_pct": 100 * trainable / total,
+            "memory_bytes": mem[m],
+            "memory_ratio_lora": mem[m] / mem["lora"],
             "memory_ratio_full_ft": mem[m] / mem["full_ft"] if "full_ft" in mem else None,
             "median_step_s": statistics.median(times[m]),
             "time_ratio_median": statistics.median(ratios[m]),
@@ -126,25 +138,34 @@ def main() -> None:
         results.append(row)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     where = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
-    print(f"SmolLM2-135M ({total:,} params), 50% magnitude mask, {args.dtype}, seq {args.seq_len}, batch {args.batch}, "
-          f"LoRA r={args.r}, {args.rounds} interleaved rounds, {where}, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock")
-    print(f"{'method':<14} {'trainable':>11} {'%':>6} {'memory MB':>10} {'mem/LoRA':>9} {'mem/full':>9} "
-          f"{'step s':>7} {'time/LoRA':>10} {'range':>13}" + (f" {'cuda peak MB':>13} {'/LoRA':>6}" if cuda_peak else ""))
+    print(
+        f"SmolLM2-135M ({total:,} params), 50% magnitude mask, {args.dtype}, seq {args.seq_len}, batch {args.batch}, "
+        f"LoRA r={args.r}, {args.rounds} interleaved rounds, {where}, {torch.get_num_threads()} threads, "
+        f"{args.clock} clock"
+    )
+    print(
+        f"{'method':<14} {'trainable':>11} {'%':>6} {'memory MB':>10} {'mem/LoRA':>9} {'mem/full':>9} "
+        f"{'step s':>7} {'time/LoRA':>10} {'range':>13}" + (f" {'cuda peak MB':>13} {'/LoRA':>6}" if cuda_peak else "")
+    )
     for r in results:
         lo, hi = r["time_ratio_range"]
         full = f"{r['memory_ratio_full_ft']:>8.2f}x" if r["memory_ratio_full_ft"] is not None else f"{'-':>9}"
-        line = (f"{r['method']:<14} {r['trainable']:>11,} {r['trainable_pct']:>5.2f}% {r['memory_bytes'] / 2**20:>10.1f} "
-                f"{r['memory_ratio_lora']:>8.2f}x {full} {r['median_step_s']:>7.3f} {r['time_ratio_median']:>9.2f}x "
-                f"{lo:>6.2f}-{hi:.2f}x")
+        line = (
+            f"{r['method']:<14} {r['trainable']:>11,} {r['trainable_pct']:>5.2f}% {r['memory_bytes'] / 2**20:>10.1f} "
+            f"{r['memory_ratio_lora']:>8.2f}x {full} {r['median_step_s']:>7.3f} {r['time_ratio_median']:>9.2f}x "
+            f"{lo:>6.2f}-{hi:.2f}x"
+        )
         if cuda_peak:
             line += f" {r['cuda_peak_bytes'] / 2**20:>13.1f} {r['cuda_peak_ratio_lora']:>5.2f}x"
         print(line)
     print(f"peak RSS of the whole run: {peak_rss_mb:.0f} MB (secondary: all models live in one process)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": str(date.today()), "args": vars(args), "peak_rss_mb": peak_rss_mb,
-                               "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"date": str(date.today()), "args": vars(args), "peak_rss_mb": peak_rss_mb, "results": results}, indent=2
+        )
+    )
     print(f"wrote {out}")
 
 

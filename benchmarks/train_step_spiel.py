@@ -61,8 +61,10 @@ def build(method: str, base: nn.Module, r: int) -> nn.Module:
     elif method == "spiel_ag":
         model = get_peft_model(model, sparse_peft.SpielConfig(r=r, target_modules=TARGETS))
     elif method == "spiel_ag_window":  # every step inside an accumulation window
-        model = get_peft_model(model, sparse_peft.SpielConfig(r=r, target_modules=TARGETS, reselection_steps=10_000,
-                                                              accumulation_steps=10_000))
+        model = get_peft_model(
+            model,
+            sparse_peft.SpielConfig(r=r, target_modules=TARGETS, reselection_steps=10_000, accumulation_steps=10_000),
+        )
     elif method == "spiel_ma":
         model = get_peft_model(model, sparse_peft.SpielConfig(r=r, target_modules=TARGETS, selection="ma"))
     else:
@@ -100,7 +102,9 @@ def saved_bytes(model: nn.Module, batch: torch.Tensor) -> int:
 
 def step_table(base, batch, r: int, rounds: int, methods: list[str]) -> list[dict]:
     models = {m: build(m, base, r) for m in methods}
-    opts = {m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-4) for m, mod in models.items()}
+    opts = {
+        m: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-4) for m, mod in models.items()
+    }
     mem = {m: ts.state_bytes(mod) + saved_bytes(mod, batch) for m, mod in models.items()}  # DESIGN.md's count
     buf = {m: buffer_bytes(mod) for m, mod in models.items()}
     for m in methods:
@@ -114,13 +118,19 @@ def step_table(base, batch, r: int, rounds: int, methods: list[str]) -> list[dic
             ratios[m].append(t[m] / t["lora"])
     rows = []
     for m in methods:
-        rows.append({
-            "method": m, "trainable": sum(p.numel() for p in models[m].parameters() if p.requires_grad),
-            "memory_bytes": mem[m], "memory_ratio": mem[m] / mem["lora"], "buffer_bytes": buf[m],
-            "memory_ratio_with_buffers": (mem[m] + buf[m]) / (mem["lora"] + buf["lora"]),
-            "median_step_s": statistics.median(times[m]), "time_ratio_median": statistics.median(ratios[m]),
-            "time_ratio_range": [min(ratios[m]), max(ratios[m])],
-        })
+        rows.append(
+            {
+                "method": m,
+                "trainable": sum(p.numel() for p in models[m].parameters() if p.requires_grad),
+                "memory_bytes": mem[m],
+                "memory_ratio": mem[m] / mem["lora"],
+                "buffer_bytes": buf[m],
+                "memory_ratio_with_buffers": (mem[m] + buf[m]) / (mem["lora"] + buf["lora"]),
+                "median_step_s": statistics.median(times[m]),
+                "time_ratio_median": statistics.median(ratios[m]),
+                "time_ratio_range": [min(ratios[m]), max(ratios[m])],
+            }
+        )
     return rows
 
 
@@ -143,12 +153,19 @@ def long_run(base, blocks, r: int, steps: int, reselection_steps: int = 20, accu
     # the hook's time is inside timed_step (it runs in opt.step()); subtract it from the steps that reselected
     extra_window = (statistics.median(window) - statistics.median(plain)) * len(window) if window and plain else 0.0
     return {
-        "steps": steps, "reselection_steps": reselection_steps, "accumulation_steps": accumulation_steps,
-        "seft": bool(config.preserve_sparsity), "wall_s": wall, "reselections": stats["reselections"],
+        "steps": steps,
+        "reselection_steps": reselection_steps,
+        "accumulation_steps": accumulation_steps,
+        "seft": bool(config.preserve_sparsity),
+        "wall_s": wall,
+        "reselections": stats["reselections"],
         "changed": stats["changed"],
-        "reselect_s": stats["reselect_seconds"], "reselect_share": stats["reselect_seconds"] / wall,
-        "window_steps": len(window), "median_window_step_s": statistics.median(window) if window else None,
-        "median_plain_step_s": statistics.median(plain), "window_extra_s": extra_window,
+        "reselect_s": stats["reselect_seconds"],
+        "reselect_share": stats["reselect_seconds"] / wall,
+        "window_steps": len(window),
+        "median_window_step_s": statistics.median(window) if window else None,
+        "median_plain_step_s": statistics.median(plain),
+        "window_extra_s": extra_window,
         "window_extra_share": extra_window / wall,
     }
 
@@ -175,33 +192,45 @@ def main() -> None:
     base, tok = load_smollm2(torch.float32)
     ts.magnitude_prune_(base, 0.5)
     train, _ = wiki_split()
-    result = {"date": str(date.today()), "args": vars(args), "threads": torch.get_num_threads(),
-              "cpu": platform.processor() or platform.machine()}
+    result = {
+        "date": str(date.today()),
+        "args": vars(args),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
     if args.rounds > 0:
         batch = token_blocks(tok, train[:200], seq_len=args.seq_len, max_blocks=args.batch)  # (B, T)
         methods = args.methods.split(",")
         assert methods[0] == "lora", "LoRA comes first: every ratio is taken against it"
         rows = step_table(base, batch, args.r, args.rounds, methods)
         result["step"] = rows
-        print(f"SmolLM2-135M, 50% magnitude mask, seq {args.seq_len}, batch {args.batch}, r={args.r}, "
-              f"{args.rounds} interleaved rounds, {torch.get_num_threads()} threads")
-        print(f"{'method':<16} {'trainable':>11} {'memory MB':>10} {'mem/LoRA':>9} {'+buffers':>9} {'step s':>7} "
-              f"{'time/LoRA':>10} {'range':>13}")
+        print(
+            f"SmolLM2-135M, 50% magnitude mask, seq {args.seq_len}, batch {args.batch}, r={args.r}, "
+            f"{args.rounds} interleaved rounds, {torch.get_num_threads()} threads"
+        )
+        print(
+            f"{'method':<16} {'trainable':>11} {'memory MB':>10} {'mem/LoRA':>9} {'+buffers':>9} {'step s':>7} "
+            f"{'time/LoRA':>10} {'range':>13}"
+        )
         for r in rows:
             lo, hi = r["time_ratio_range"]
-            print(f"{r['method']:<16} {r['trainable']:>11,} {r['memory_bytes'] / 2**20:>10.1f} {r['memory_ratio']:>8.3f}x "
-                  f"{r['memory_ratio_with_buffers']:>8.3f}x "
-                  f"{r['median_step_s']:>7.2f} {r['time_ratio_median']:>9.2f}x {lo:>6.2f}-{hi:.2f}x")
+            print(
+                f"{r['method']:<16} {r['trainable']:>11,} {r['memory_bytes'] / 2**20:>10.1f} {r['memory_ratio']:>8.3f}x "
+                f"{r['memory_ratio_with_buffers']:>8.3f}x "
+                f"{r['median_step_s']:>7.2f} {r['time_ratio_median']:>9.2f}x {lo:>6.2f}-{hi:.2f}x"
+            )
     if args.run_steps > 0:
         blocks = token_blocks(tok, train, seq_len=args.run_seq_len, max_blocks=4 * args.run_steps)
         run = long_run(base, blocks, args.r, args.run_steps, args.run_reselection_steps, args.run_accumulation_steps)
         result["run"] = run
-        print(f"SpIEL-AG {run['steps']} steps (seq {args.run_seq_len}, batch 4, SEFT={run['seft']}, reselect every "
-              f"{run['reselection_steps']}, {run['accumulation_steps']} accumulation steps), "
-              f"{torch.get_num_threads()} threads: {args.clock} time {run['wall_s']:.0f} s, "
-              f"{run['reselections']} reselections ({run['changed']:,} slots moved) took {run['reselect_s']:.2f} s "
-              f"= {100 * run['reselect_share']:.2f}% of it (goal <= 3%); {run['window_steps']} window steps "
-              f"cost {run['window_extra_s']:.1f} s extra = {100 * run['window_extra_share']:.2f}%")
+        print(
+            f"SpIEL-AG {run['steps']} steps (seq {args.run_seq_len}, batch 4, SEFT={run['seft']}, reselect every "
+            f"{run['reselection_steps']}, {run['accumulation_steps']} accumulation steps), "
+            f"{torch.get_num_threads()} threads: {args.clock} time {run['wall_s']:.0f} s, "
+            f"{run['reselections']} reselections ({run['changed']:,} slots moved) took {run['reselect_s']:.2f} s "
+            f"= {100 * run['reselect_share']:.2f}% of it (goal <= 3%); {run['window_steps']} window steps "
+            f"cost {run['window_extra_s']:.1f} s extra = {100 * run['window_extra_share']:.2f}%"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -1,6 +1,6 @@
 """Two S²FT adapters on one base: train each, switch between them (a scatter, no reload), and fuse them.
 
-    python examples/s2ft_adapter_switching.py --tiny --steps 3
+python examples/s2ft_adapter_switching.py --tiny --steps 3
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def train(model, data, steps: int) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     for step in range(steps):
-        batch = data[4 * step: 4 * step + 4]  # (4, T)
+        batch = data[4 * step : 4 * step + 4]  # (4, T)
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -38,7 +38,7 @@ def main() -> None:
     train(model, data[: 4 * args.steps], args.steps)
     model.add_adapter("second", sparse_peft.S2FTConfig(heads_ratio=0.25, channels_ratio=0.05, seed=1))
     model.set_adapter("second")
-    train(model, data[4 * args.steps:], args.steps)
+    train(model, data[4 * args.steps :], args.steps)
 
     with torch.no_grad():
         outputs = {}

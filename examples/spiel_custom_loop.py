@@ -27,14 +27,19 @@ def main() -> None:
     model, tokenizer = model_and_tokenizer(args.tiny)
     seq_len = 64 if args.tiny else 256
     train, held_out = blocks(tokenizer, seq_len, n_train=4 * args.steps, n_eval=4 if args.tiny else 16)
-    config = sparse_peft.SpielConfig(r=16, reselection_steps=max(2, args.steps // 5), accumulation_steps=1,
-                                     total_steps=args.steps, auto_reselection=False)
+    config = sparse_peft.SpielConfig(
+        r=16,
+        reselection_steps=max(2, args.steps // 5),
+        accumulation_steps=1,
+        total_steps=args.steps,
+        auto_reselection=False,
+    )
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     for step in range(args.steps):
-        batch = train[4 * step: 4 * step + 4]  # (4, T)
+        batch = train[4 * step : 4 * step + 4]  # (4, T)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()

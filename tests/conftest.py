@@ -24,8 +24,15 @@ CAUSAL_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gpt2"]
 def make_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, layers: int = 2) -> nn.Module:
     """A tiny random model of ``family``; GQA for qwen2/qwen3/mistral/llama (4 query heads, 2 kv heads)."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     if family == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     elif family == "qwen2":
@@ -38,9 +45,15 @@ def make_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, l
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64)
         model = transformers.GPT2LMHeadModel(cfg)
     elif family == "bert":
-        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
-                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
-                                      num_labels=2)
+        cfg = transformers.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=2,
+        )
         model = transformers.BertForSequenceClassification(cfg)
     else:
         raise ValueError(family)
@@ -106,8 +119,9 @@ def make_tokenizer():
     vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>",
-                                               pad_token="<pad>")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>"
+    )
     tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
     return tok
 

@@ -34,13 +34,21 @@ def test_docs_code_blocks_run(page, tmp_path, monkeypatch):
             raise AssertionError(f"{page}, python block {i} failed: {exc!r}") from exc
 
 
-@pytest.mark.skipif(shutil.which("mkdocs") is None and not (Path(sys.executable).parent / "mkdocs").exists(),
-                    reason="mkdocs is not installed (pip install -e '.[docs]')")
+@pytest.mark.skipif(
+    shutil.which("mkdocs") is None and not (Path(sys.executable).parent / "mkdocs").exists(),
+    reason="mkdocs is not installed (pip install -e '.[docs]')",
+)
 def test_mkdocs_build_strict(tmp_path):
     mkdocs = shutil.which("mkdocs") or str(Path(sys.executable).parent / "mkdocs")
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    out = subprocess.run([mkdocs, "build", "--strict", "-q", "-d", str(tmp_path / "site")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [mkdocs, "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -23,6 +23,12 @@ def test_every_example_has_smoke_arguments():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_example_runs(script, tmp_path):
-    out = subprocess.run([sys.executable, str(EXAMPLES / script), *ARGS[script]], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(EXAMPLES)})
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *ARGS[script]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PYTHONPATH": str(EXAMPLES)},
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -25,8 +25,9 @@ def _sparse_lora(family, **kw):
 
 
 def _s2ft(family, **kw):
-    return sparse_peft.S2FTConfig(heads_ratio=0.25, channels_ratio=0.1, init_weights=False,
-                                  task_type=task_type(family), **kw)
+    return sparse_peft.S2FTConfig(
+        heads_ratio=0.25, channels_ratio=0.1, init_weights=False, task_type=task_type(family), **kw
+    )
 
 
 def _spiel(family, **kw):
@@ -96,8 +97,10 @@ def test_base_frozen_adapters_train_zeros_kept(tuner, family, dtype):
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapter_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert adapter_before, "nothing is trainable"
-    assert all(TUNERS[tuner]["make"](family).peft_type.value.lower() in n or "classifier" in n or "score" in n
-               for n in adapter_before), "a non-adapter parameter is trainable"
+    assert all(
+        TUNERS[tuner]["make"](family).peft_type.value.lower() in n or "classifier" in n or "score" in n
+        for n in adapter_before
+    ), "a non-adapter parameter is trainable"
 
     def merged_check():  # zeros kept in the effective weights after every optimizer step
         model.merge_adapter()

@@ -72,9 +72,14 @@ def problems(draw):
     k = draw(st.integers(0, 2 * d_out * d_in))
     idx = draw(st.lists(st.integers(0, d_out * d_in - 1), min_size=k, max_size=k))  # unsorted, repeats
     return dict(
-        d_out=d_out, d_in=d_in, lead=lead, idx=idx,
-        dtype=draw(st.sampled_from(DTYPES)), idx_dtype=draw(st.sampled_from(IDX_DTYPES)),
-        transposed=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+        d_out=d_out,
+        d_in=d_in,
+        lead=lead,
+        idx=idx,
+        dtype=draw(st.sampled_from(DTYPES)),
+        idx_dtype=draw(st.sampled_from(IDX_DTYPES)),
+        transposed=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
     )
 
 
@@ -207,8 +212,11 @@ def _samples(dtype=torch.float32, requires_grad=False):
     return {
         "scatter_add_delta": [(t(3, 4), i32, t(4)), (t(3, 4), empty, t(0))],
         "gather_weight_grad": [(t(2, 5, 3), t(2, 5, 4), i32), (t(6, 3), t(6, 4), i64), (t(6, 3), t(6, 4), empty)],
-        "partial_weight_grad": [(t(2, 5, 3), t(2, 5, 4), torch.tensor([2, 0, 2]), None),
-                                (t(6, 3), t(6, 4), None, cols), (t(6, 3), t(6, 4), torch.tensor([1]), cols)],
+        "partial_weight_grad": [
+            (t(2, 5, 3), t(2, 5, 4), torch.tensor([2, 0, 2]), None),
+            (t(6, 3), t(6, 4), None, cols),
+            (t(6, 3), t(6, 4), torch.tensor([1]), cols),
+        ],
         "masked_lora_grad": [(t(2, 5, 3), t(2, 5, 4), t(2, 4), t(3, 2), mask, 0.5)],
     }
 
@@ -230,8 +238,9 @@ def test_opcheck(name, requires_grad):
 
 def test_opcheck_inplace():
     w = torch.randn(3, 4)
-    torch.library.opcheck(torch.ops.sparse_peft.scatter_add_delta_inplace.default,
-                          (w, torch.tensor([1, 1, 2]), torch.randn(3), 0.5))
+    torch.library.opcheck(
+        torch.ops.sparse_peft.scatter_add_delta_inplace.default, (w, torch.tensor([1, 1, 2]), torch.randn(3), 0.5)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
@@ -302,8 +311,13 @@ def test_disable_env_forces_reference(fresh_loader):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _extension.load() is None
-    assert _extension.status() == {"path": "reference", "loaded": False, "source": "disabled",
-                                   "reason": "SPARSE_PEFT_DISABLE_EXT=1", "prebuilt": None}
+    assert _extension.status() == {
+        "path": "reference",
+        "loaded": False,
+        "source": "disabled",
+        "reason": "SPARSE_PEFT_DISABLE_EXT=1",
+        "prebuilt": None,
+    }
 
 
 def test_failed_build_is_cached_and_reported_once(fresh_loader):
@@ -355,11 +369,14 @@ def test_prebuilt_module_is_ignored_when_disabled(fresh_loader):
     assert _extension.probe()["path"] == "reference"
 
 
-@pytest.mark.parametrize("overrides, why", [
-    ({"gather_weight_grad": None}, "lacks the op(s) gather_weight_grad"),
-    ({"torch_version": "1.0.0"}, "built for torch 1.0.0"),
-    ({"sources_hash": ""}, "other kernel sources"),
-])
+@pytest.mark.parametrize(
+    "overrides, why",
+    [
+        ({"gather_weight_grad": None}, "lacks the op(s) gather_weight_grad"),
+        ({"torch_version": "1.0.0"}, "built for torch 1.0.0"),
+        ({"sources_hash": ""}, "other kernel sources"),
+    ],
+)
 def test_mismatched_prebuilt_falls_back_to_jit(fresh_loader, overrides, why):
     fresh_loader.delenv(_extension.DISABLE_ENV, raising=False)
     fresh_loader.setitem(sys.modules, _extension.PREBUILT, fake_prebuilt(**overrides))
@@ -440,8 +457,10 @@ def fake_nvcc(tmp_path: Path, release: str) -> Path:
 def test_setup_without_the_switch_is_pure_python(setup_py):
     assert setup_py.extension_setup_kwargs({}) == {}
     assert setup_py.extension_setup_kwargs({setup_py.BUILD_ENV: "0"}) == {}
-    code = ("import runpy, sys; sys.argv = ['setup.py', '--name']; runpy.run_path('setup.py', run_name='__main__');"
-            "assert 'torch' not in sys.modules, 'setup.py imported torch'")
+    code = (
+        "import runpy, sys; sys.argv = ['setup.py', '--name']; runpy.run_path('setup.py', run_name='__main__');"
+        "assert 'torch' not in sys.modules, 'setup.py imported torch'"
+    )
     env = {k: v for k, v in os.environ.items() if k != setup_py.BUILD_ENV}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "sparse-peft", out.stdout + out.stderr
@@ -503,8 +522,9 @@ def test_setup_switch_builds_the_prebuilt_module(setup_py, monkeypatch, tmp_path
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_kernels_compile():
     env = dict(os.environ, SPARSE_PEFT_CHECK_BINDING="0")  # the .cu files only: seconds
-    res = subprocess.run(["bash", str(ROOT / ".ci" / "compile_kernels.sh")], capture_output=True, text=True,
-                         timeout=300, env=env)
+    res = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "compile_kernels.sh")], capture_output=True, text=True, timeout=300, env=env
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -513,8 +533,9 @@ def test_kernels_compile():
 def test_kernels_and_binding_compile():
     """The .cu files and binding.cpp (torch headers, about a minute on 2 cores); a CPU build of torch is enough."""
     env = dict(os.environ, SPARSE_PEFT_CHECK_BINDING="1", PYTHON=sys.executable)
-    res = subprocess.run(["bash", str(ROOT / ".ci" / "compile_kernels.sh")], capture_output=True, text=True,
-                         timeout=600, env=env)
+    res = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "compile_kernels.sh")], capture_output=True, text=True, timeout=600, env=env
+    )
     assert res.returncode == 0 and "binding.cpp not checked" not in res.stdout, res.stdout + res.stderr
 
 
@@ -615,7 +636,10 @@ def test_cuda_partial_and_masked_match_reference(dtype):
     got = ops.masked_lora_grad(g, x, a, b, mask, 0.5)
     want = reference.masked_lora_grad(g, x, a, b, mask, 0.5)
     gm16 = (0.5 * mask * (g.reshape(-1, 96).bfloat16().t() @ x.reshape(-1, 80).bfloat16())).bfloat16()
-    errs = (_torch_lowp_error(lambda: b.bfloat16().t() @ gm16, want[0]), _torch_lowp_error(lambda: gm16 @ a.bfloat16().t(), want[1]))
+    errs = (
+        _torch_lowp_error(lambda: b.bfloat16().t() @ gm16, want[0]),
+        _torch_lowp_error(lambda: gm16 @ a.bfloat16().t(), want[1]),
+    )
     for o, w_, e in zip(got, want, errs):
         _assert_within(o, w_, e, "masked_lora_grad")
 
@@ -718,9 +742,12 @@ def test_cuda_tuner_training_step_matches_reference(ext, tuner):
     import sparse_peft
 
     make = {
-        "spiel": lambda: sparse_peft.SpielConfig(r=2, init_weights=False, auto_reselection=False, task_type="CAUSAL_LM"),
-        "s2ft": lambda: sparse_peft.S2FTConfig(heads_ratio=0.25, channels_ratio=0.1, init_weights=False,
-                                               task_type="CAUSAL_LM"),
+        "spiel": lambda: sparse_peft.SpielConfig(
+            r=2, init_weights=False, auto_reselection=False, task_type="CAUSAL_LM"
+        ),
+        "s2ft": lambda: sparse_peft.S2FTConfig(
+            heads_ratio=0.25, channels_ratio=0.1, init_weights=False, task_type="CAUSAL_LM"
+        ),
     }[tuner]
     native, ref = _tuner_steps(make, True), _tuner_steps(make, False)
     assert native.keys() == ref.keys() and native

@@ -74,8 +74,13 @@ def test_loading_without_import_says_to_import_sparse_peft(tmp_path):
         "        print('LOADED')\n"
         "assert 'sparse_peft' not in sys.modules\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                         env={k: v for k, v in __import__("os").environ.items() if k != "SPARSE_PEFT_NO_BOOT"})
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in __import__("os").environ.items() if k != "SPARSE_PEFT_NO_BOOT"},
+    )
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.startswith(("ERR", "LOADED"))]
     assert len(lines) == 3

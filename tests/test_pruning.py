@@ -58,6 +58,7 @@ def block_inputs(model, block_index: int, data: torch.Tensor) -> dict[str, torch
     seen, handles = {}, []
     for name, m in prunable_modules(model).items():
         if id(m) in inside:
+
             def hook(mod, args, out, name=name):
                 seen.setdefault(name, args[0].detach().reshape(-1, args[0].shape[-1]))
 
@@ -202,8 +203,7 @@ def test_repair_model_keeps_rows_and_lowers_error(pattern):
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_prune_with_inline_repair(method, true_sequential):
     model = make_model("llama")
-    report = prune(model, method, None, "2:4", calib(), repair=True, true_sequential=true_sequential,
-                   progress=False)
+    report = prune(model, method, None, "2:4", calib(), repair=True, true_sequential=true_sequential, progress=False)
     assert report.nm_valid and report.sparsity == 0.5
 
 
@@ -431,7 +431,7 @@ def test_masks_match_stable_sort_with_ties():
         keep = row_mask(scores, count)
         for r in range(7):
             order = torch.sort(scores[r], stable=True).indices
-            assert torch.equal(keep[r].nonzero().flatten().sort().values, order[per_row[r]:].sort().values)
+            assert torch.equal(keep[r].nonzero().flatten().sort().values, order[per_row[r] :].sort().values)
 
 
 def test_input_stats_hessian_in_pieces():
@@ -468,8 +468,16 @@ def test_inverse_hessian_factor():
 def test_owl_global_sparsity_exact(sparsity):
     model = correlated_model(layers=4)
     total = sum(w.numel() for w in weights(model).values())
-    report = prune(model, "wanda", sparsity, calibration_data=calib(), allocation="owl", owl_threshold=2.0,
-                   owl_lambda=0.1, progress=False)
+    report = prune(
+        model,
+        "wanda",
+        sparsity,
+        calibration_data=calib(),
+        allocation="owl",
+        owl_threshold=2.0,
+        owl_lambda=0.1,
+        progress=False,
+    )
     assert report.zeros == round(sparsity * total)
     per_block = {}
     for row in report.modules:

@@ -114,8 +114,15 @@ def test_model_delta_grads_equal_full_weight_grads_on_slice(family):
     make_sparse(base)
     model = get_peft_model(base, cfg).eval()  # eval: no dropout (GPT-2 has some); gradients flow all the same
     model(**inputs(family)).loss.backward()
-    layers = {n: (m.s2ft_axis["default"], m.s2ft_index["default"].clone(), m.s2ft_delta["default"].grad.clone(),
-                  m.get_delta_weight("default") != 0) for n, m in _layers(model).items()}
+    layers = {
+        n: (
+            m.s2ft_axis["default"],
+            m.s2ft_index["default"].clone(),
+            m.s2ft_delta["default"].grad.clone(),
+            m.get_delta_weight("default") != 0,
+        )
+        for n, m in _layers(model).items()
+    }
     merged = model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(False)
@@ -167,10 +174,15 @@ def test_gqa_selection_counts_and_mapping(family, head_dim):
         assert len(heads) == 2 and len(channels) == round(0.1 * 64)  # 4 heads, 64 FFN channels
         span = lambda hs: [h * head_dim + i for h in hs for i in range(head_dim)]  # noqa: E731
         kv = sorted({h // 2 for h in heads})  # 4 query heads share 2 kv heads: group of 2
-        want = {"self_attn.o_proj": ("cols", span(heads)), "self_attn.q_proj": ("rows", span(heads)),
-                "self_attn.k_proj": ("rows", span(kv)), "self_attn.v_proj": ("rows", span(kv)),
-                "mlp.down_proj": ("cols", channels), "mlp.up_proj": ("rows", channels),
-                "mlp.gate_proj": ("rows", channels)}
+        want = {
+            "self_attn.o_proj": ("cols", span(heads)),
+            "self_attn.q_proj": ("rows", span(heads)),
+            "self_attn.k_proj": ("rows", span(kv)),
+            "self_attn.v_proj": ("rows", span(kv)),
+            "mlp.down_proj": ("cols", channels),
+            "mlp.up_proj": ("rows", channels),
+            "mlp.gate_proj": ("rows", channels),
+        }
         for suffix, (axis, idx) in want.items():
             layer = layers[f"{block}.{suffix}"]
             assert layer.s2ft_axis["default"] == axis
@@ -183,20 +195,27 @@ def test_gqa_selection_counts_and_mapping(family, head_dim):
 
 def test_gqa_kv_head_shared_by_two_selected_query_heads_is_trained_once():
     base = make_model("qwen3")
-    cfg = sparse_peft.S2FTConfig(selection={f"model.layers.{i}": {"heads": [2, 3], "channels": [0]} for i in range(2)},
-                                 target_modules=["o_proj", "v_proj", "down_proj"])
+    cfg = sparse_peft.S2FTConfig(
+        selection={f"model.layers.{i}": {"heads": [2, 3], "channels": [0]} for i in range(2)},
+        target_modules=["o_proj", "v_proj", "down_proj"],
+    )
     layer = _layers(get_peft_model(base, cfg))["model.layers.0.self_attn.v_proj"]
     assert layer.s2ft_index["default"].tolist() == list(range(16, 32))  # kv head 1 only
 
 
 def test_gpt2_conv1d_fused_qkv_rows():
     base = make_model("gpt2")  # n_embd 32, 4 heads of 8
-    cfg = sparse_peft.S2FTConfig(selection={f"transformer.h.{i}": {"heads": [1], "channels": [3, 7]} for i in range(2)},
-                                 target_modules=["c_attn", "c_proj", "c_fc"], init_weights=False)
+    cfg = sparse_peft.S2FTConfig(
+        selection={f"transformer.h.{i}": {"heads": [1], "channels": [3, 7]} for i in range(2)},
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        init_weights=False,
+    )
     model = get_peft_model(base, cfg)
     layers = _layers(model)
     span = list(range(8, 16))
-    assert layers["transformer.h.0.attn.c_attn"].s2ft_index["default"].tolist() == span + [32 + i for i in span] + [64 + i for i in span]
+    assert layers["transformer.h.0.attn.c_attn"].s2ft_index["default"].tolist() == span + [32 + i for i in span] + [
+        64 + i for i in span
+    ]
     assert layers["transformer.h.0.attn.c_proj"].s2ft_index["default"].tolist() == span
     assert layers["transformer.h.0.mlp.c_proj"].s2ft_index["default"].tolist() == [3, 7]
     assert layers["transformer.h.0.mlp.c_fc"].s2ft_index["default"].tolist() == [3, 7]
@@ -267,8 +286,11 @@ def test_data_strategy_without_calibration_names_the_fix():
     with pytest.raises(ValueError, match="s2ft_select"):
         get_peft_model(make_model("llama"), sparse_peft.S2FTConfig(strategy="activation"))
     with pytest.raises(ValueError, match="labels"):
-        sparse_peft.s2ft_select(make_model("llama"), sparse_peft.S2FTConfig(strategy="gradient"),
-                                {"input_ids": inputs("llama")["input_ids"]})
+        sparse_peft.s2ft_select(
+            make_model("llama"),
+            sparse_peft.S2FTConfig(strategy="gradient"),
+            {"input_ids": inputs("llama")["input_ids"]},
+        )
 
 
 def test_random_selection_is_seeded_and_saved(tmp_path):
@@ -289,10 +311,16 @@ def _two_disjoint(family="qwen2", targets=("o_proj", "v_proj", "down_proj", "up_
     base = make_model(family)
     make_sparse(base)
     blocks = [f"model.layers.{i}" for i in range(2)]
-    cfg_a = sparse_peft.S2FTConfig(selection={b: {"heads": [0], "channels": [1, 2]} for b in blocks},
-                                   target_modules=list(targets), init_weights=False)
-    cfg_b = sparse_peft.S2FTConfig(selection={b: {"heads": [3], "channels": [7]} for b in blocks},  # kv head 1
-                                   target_modules=list(targets), init_weights=False)
+    cfg_a = sparse_peft.S2FTConfig(
+        selection={b: {"heads": [0], "channels": [1, 2]} for b in blocks},
+        target_modules=list(targets),
+        init_weights=False,
+    )
+    cfg_b = sparse_peft.S2FTConfig(
+        selection={b: {"heads": [3], "channels": [7]} for b in blocks},  # kv head 1
+        target_modules=list(targets),
+        init_weights=False,
+    )
     model = get_peft_model(base, cfg_a, adapter_name="a")
     model.add_adapter("b", cfg_b)
     return model
@@ -329,9 +357,15 @@ def test_fusion_of_disjoint_adapters_equals_applying_both(tmp_path):
 
 def test_fusion_refuses_overlap_and_names_the_slices():
     model = _two_disjoint()
-    model.add_adapter("c", sparse_peft.S2FTConfig(
-        selection={f"model.layers.{i}": {"heads": [1], "channels": [9]} for i in range(2)},  # head 1 shares kv head 0
-        target_modules=["o_proj", "v_proj", "down_proj", "up_proj"]))
+    model.add_adapter(
+        "c",
+        sparse_peft.S2FTConfig(
+            selection={
+                f"model.layers.{i}": {"heads": [1], "channels": [9]} for i in range(2)
+            },  # head 1 shares kv head 0
+            target_modules=["o_proj", "v_proj", "down_proj", "up_proj"],
+        ),
+    )
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.v_proj: 'a' and 'c' both train rows \[0, 1"):
         sparse_peft.s2ft_fuse_adapters(model, ["a", "c"], "ac")
 
@@ -353,8 +387,9 @@ def test_sparse_base_zeros_and_nm_kept(dtype):
     base = make_model("llama", dtype)
     make_sparse(base, nm=(2, 4))
     zeros = zero_masks(base)
-    model = get_peft_model(base, sparse_peft.S2FTConfig(heads_ratio=0.5, channels_ratio=0.5,
-                                                        target_modules=ALL_ROLES, init_weights=False))
+    model = get_peft_model(
+        base, sparse_peft.S2FTConfig(heads_ratio=0.5, channels_ratio=0.5, target_modules=ALL_ROLES, init_weights=False)
+    )
     merged = model.merge_and_unload()
     for n, m in merged.named_modules():
         if n in zeros:
@@ -374,14 +409,17 @@ def test_preserve_sparsity_false_trains_pruned_entries_of_the_slice():
 
 
 # ------------------------------------------------------------------------------------------------ config errors
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(heads_ratio=1.5), "heads_ratio must be a fraction"),
-    (dict(channels_ratio=-0.1), "channels_ratio must be a fraction"),
-    (dict(heads_ratio=0, channels_ratio=0), "nothing would be trained"),
-    (dict(strategy="magic"), "strategy must be one of"),
-    (dict(selection={"model.layers.0": {"heads": [-1]}}), r"selection\['model.layers.0'\]\['heads'\]"),
-    (dict(selection={"model.layers.0": {"rows": [1]}}), "keys 'heads' and/or 'channels'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(heads_ratio=1.5), "heads_ratio must be a fraction"),
+        (dict(channels_ratio=-0.1), "channels_ratio must be a fraction"),
+        (dict(heads_ratio=0, channels_ratio=0), "nothing would be trained"),
+        (dict(strategy="magic"), "strategy must be one of"),
+        (dict(selection={"model.layers.0": {"heads": [-1]}}), r"selection\['model.layers.0'\]\['heads'\]"),
+        (dict(selection={"model.layers.0": {"rows": [1]}}), "keys 'heads' and/or 'channels'"),
+    ],
+)
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sparse_peft.S2FTConfig(**kwargs)
@@ -393,8 +431,12 @@ def test_unknown_role_and_foreign_selection_name_the_module():
     with pytest.raises(ValueError, match="no entry for block 'model.layers.1'"):
         get_peft_model(make_model("llama"), sparse_peft.S2FTConfig(selection={"model.layers.0": {"heads": [0]}}))
     with pytest.raises(ValueError, match="reaches col"):
-        get_peft_model(make_model("llama"), sparse_peft.S2FTConfig(
-            selection={f"model.layers.{i}": {"heads": [0], "channels": [500]} for i in range(2)}))
+        get_peft_model(
+            make_model("llama"),
+            sparse_peft.S2FTConfig(
+                selection={f"model.layers.{i}": {"heads": [0], "channels": [500]} for i in range(2)}
+            ),
+        )
 
 
 # ------------------------------------------------------------------------------------------------------- DDP
@@ -405,8 +447,9 @@ def _ddp_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model = get_peft_model(make_model("llama"), sparse_peft.S2FTConfig(heads_ratio=0.25, channels_ratio=0.1,
-                                                                       init_weights=False))
+    model = get_peft_model(
+        make_model("llama"), sparse_peft.S2FTConfig(heads_ratio=0.25, channels_ratio=0.1, init_weights=False)
+    )
     ddp = DDP(model)
     batch = inputs("llama", batch=4)
     part = {k: v[rank * 2 : rank * 2 + 2] for k, v in batch.items()}
@@ -427,8 +470,9 @@ def test_ddp_grads_identical_on_ranks_and_equal_to_single_process(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     g0, g1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    model = get_peft_model(make_model("llama"), sparse_peft.S2FTConfig(heads_ratio=0.25, channels_ratio=0.1,
-                                                                       init_weights=False))
+    model = get_peft_model(
+        make_model("llama"), sparse_peft.S2FTConfig(heads_ratio=0.25, channels_ratio=0.1, init_weights=False)
+    )
     batch = inputs("llama", batch=4)
     for r in range(2):
         part = {k: v[r * 2 : r * 2 + 2] for k, v in batch.items()}

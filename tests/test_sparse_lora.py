@@ -35,10 +35,14 @@ def test_gradient_equals_naive_dense_autograd(n_adapters, with_weight):
     scalings = [0.5 + i for i in range(n_adapters)]
     ab = []
     for _ in range(n_adapters):
-        ab += [torch.randn(r, d_in, dtype=torch.float64, requires_grad=True),
-               torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)]
+        ab += [
+            torch.randn(r, d_in, dtype=torch.float64, requires_grad=True),
+            torch.randn(d_out, r, dtype=torch.float64, requires_grad=True),
+        ]
     packed = tuple(sparse_peft.masks.pack_mask(m) for m in masks)
-    out = MaskedLoraLinearFn.apply(x, w if with_weight else None, bias, packed, (d_out, d_in), tuple(scalings), None, *ab)
+    out = MaskedLoraLinearFn.apply(
+        x, w if with_weight else None, bias, packed, (d_out, d_in), tuple(scalings), None, *ab
+    )
     ref = _naive(x, w if with_weight else torch.zeros_like(w), bias, masks, scalings, ab)
     torch.testing.assert_close(out.double(), ref)
     grad = torch.randn_like(ref)
@@ -90,8 +94,9 @@ def test_unmasked_gradient_option_trains_and_keeps_zeros():
     base = make_model("llama")
     make_sparse(base)
     before = {n: linear_weight(m).clone() for n, m in base.named_modules() if n.endswith("proj")}
-    model = get_peft_model(base, sparse_peft.SparseLoraConfig(r=4, lora_alpha=8, exact_gradient=False,
-                                                              task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base, sparse_peft.SparseLoraConfig(r=4, lora_alpha=8, exact_gradient=False, task_type="CAUSAL_LM")
+    )
     layer = next(m for m in model.modules() if isinstance(m, sparse_peft.tuners.sparse_lora.SparseLoraLayer))
     assert layer.exact_gradient["default"] is False
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -118,9 +123,12 @@ def test_backward_keeps_no_dense_delta():
     layer = model.base_model.model[0]
     x = torch.randn(3, 7, 64, requires_grad=True)
     out, saved = _saved_tensors(lambda: model(x))
-    resident = {layer.base_layer.weight.untyped_storage().data_ptr(), x.untyped_storage().data_ptr(),
-                layer.sparse_lora_A["default"].untyped_storage().data_ptr(),
-                layer.sparse_lora_B["default"].untyped_storage().data_ptr()}
+    resident = {
+        layer.base_layer.weight.untyped_storage().data_ptr(),
+        x.untyped_storage().data_ptr(),
+        layer.sparse_lora_A["default"].untyped_storage().data_ptr(),
+        layer.sparse_lora_B["default"].untyped_storage().data_ptr(),
+    }
     for t in saved:
         assert t.untyped_storage().data_ptr() in resident, f"backward keeps a new tensor of shape {tuple(t.shape)}"
     out.sum().backward()
@@ -153,7 +161,9 @@ def test_conv1d_gradient_and_merge_keep_zeros():
     with torch.no_grad():
         conv.weight.mul_((torch.rand_like(conv.weight) > 0.5).float())
     zeros = conv.weight == 0
-    model = get_peft_model(nn.Sequential(conv), sparse_peft.SparseLoraConfig(r=2, target_modules=["0"], init_weights=False))
+    model = get_peft_model(
+        nn.Sequential(conv), sparse_peft.SparseLoraConfig(r=2, target_modules=["0"], init_weights=False)
+    )
     layer = model.base_model.model[0]
     x = torch.randn(4, 16)
     torch.testing.assert_close(model(x), x @ (conv.weight + layer.get_delta_weight("default").t()) + conv.bias)
@@ -163,13 +173,17 @@ def test_conv1d_gradient_and_merge_keep_zeros():
 
 def test_nm_mask_type_on_dense_base_merges_to_valid_nm():
     base = make_model("llama")  # dense
-    model = get_peft_model(base, sparse_peft.SparseLoraConfig(r=4, mask_type="nm", nm_pattern="2:4", init_weights=False))
+    model = get_peft_model(
+        base, sparse_peft.SparseLoraConfig(r=4, mask_type="nm", nm_pattern="2:4", init_weights=False)
+    )
     layer = model.base_model.model.model.layers[0].mlp.down_proj
     assert is_nm(layer.get_mask("default"), 2, 4)
     merged = model.merge_and_unload()
     report = sparse_peft.sparsity_report(merged, nm_pattern="2:4")
     assert report.sparsity == 0.0  # the dense base keeps its values; only the delta is N:M
-    delta = linear_weight(merged.model.layers[0].mlp.down_proj) - linear_weight(make_model("llama").model.layers[0].mlp.down_proj)
+    delta = linear_weight(merged.model.layers[0].mlp.down_proj) - linear_weight(
+        make_model("llama").model.layers[0].mlp.down_proj
+    )
     assert is_nm(delta, 2, 4)
 
 
@@ -248,7 +262,9 @@ def test_non_linear_target_names_the_module():
 def test_mask_of_wrong_shape():
     model = get_peft_model(make_model("llama"), sparse_peft.SparseLoraConfig(r=2, mask_type="custom"))
     with pytest.raises(ValueError, match=r"shape \(32, 64\).*\(d_out, d_in\)=\(32, 32\)"):
-        sparse_peft.set_sparse_lora_masks(model, {"model.layers.0.self_attn.q_proj": torch.ones(32, 64, dtype=torch.bool)})
+        sparse_peft.set_sparse_lora_masks(
+            model, {"model.layers.0.self_attn.q_proj": torch.ones(32, 64, dtype=torch.bool)}
+        )
     with pytest.raises(KeyError, match="matches no SparseLoRA module"):
         sparse_peft.set_sparse_lora_masks(model, {"nope": torch.ones(32, 32, dtype=torch.bool)})
 
@@ -260,5 +276,7 @@ def test_unknown_model_type_needs_target_modules():
 
 def test_nm_mask_type_needs_divisible_inputs():
     with pytest.raises(ValueError, match="divisible by 8"):
-        get_peft_model(nn.Sequential(nn.Linear(12, 4)),
-                       sparse_peft.SparseLoraConfig(target_modules=["0"], mask_type="nm", nm_pattern="4:8"))
+        get_peft_model(
+            nn.Sequential(nn.Linear(12, 4)),
+            sparse_peft.SparseLoraConfig(target_modules=["0"], mask_type="nm", nm_pattern="4:8"),
+        )

@@ -35,8 +35,10 @@ def _bnb_runs_on_cpu() -> str:
 
 
 _REASON = _bnb_runs_on_cpu()
-pytestmark = [pytest.mark.skipif(bool(_REASON), reason=f"bitsandbytes cannot quantize on this CPU ({_REASON})"),
-              pytest.mark.filterwarnings("ignore:Merging SparseLoRA into a 4-bit base")]
+pytestmark = [
+    pytest.mark.skipif(bool(_REASON), reason=f"bitsandbytes cannot quantize on this CPU ({_REASON})"),
+    pytest.mark.filterwarnings("ignore:Merging SparseLoRA into a 4-bit base"),
+]
 
 KINDS = ["nf4", "fp4", "nf4-double", "int8"]
 
@@ -56,9 +58,14 @@ def _quantize(lin: nn.Linear, kind: str) -> nn.Module:
     if kind == "int8":
         q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False)
     else:
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.float32, quant_type=kind[:3],
-                              compress_statistics=kind.endswith("double"))
+        q = bnb.nn.Linear4bit(
+            lin.in_features,
+            lin.out_features,
+            bias=lin.bias is not None,
+            compute_dtype=torch.float32,
+            quant_type=kind[:3],
+            compress_statistics=kind.endswith("double"),
+        )
     q.load_state_dict(lin.state_dict())
     return q.to("cpu")  # quantization happens here
 
@@ -84,8 +91,9 @@ def _requantized(weight, dense: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "int8":
         cb, scb, _ = bnb.functional.int8_vectorwise_quant(dense.half())
         return bnb.functional.int8_vectorwise_dequant(cb, scb)
-    q, state = bnb.functional.quantize_4bit(dense, blocksize=weight.blocksize, quant_type=weight.quant_type,
-                                            compress_statistics=weight.compress_statistics)
+    q, state = bnb.functional.quantize_4bit(
+        dense, blocksize=weight.blocksize, quant_type=weight.quant_type, compress_statistics=weight.compress_statistics
+    )
     return bnb.functional.dequantize_4bit(q, state)
 
 
@@ -98,8 +106,15 @@ def _weight_bytes(module: nn.Module) -> tuple:
 def llama_dir(tmp_path_factory) -> Path:
     """A tiny pruned Llama saved in fp32; each test reloads it quantized."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -111,8 +126,9 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 def _load_4bit(path: Path, quant_type: str = "nf4") -> nn.Module:
-    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                                 bnb_4bit_compute_dtype=torch.float32)
+    bnb_config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=torch.float32
+    )
     return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config, device_map="cpu")
 
 
@@ -217,8 +233,11 @@ def test_merge_unmerge_keep_zeros_and_quantization_settings(kind):
     new = layer.get_base_layer().weight
     assert type(new) is type(old) and new.dtype == old.dtype and new.shape == old.shape
     if kind != "int8":
-        assert (new.quant_type, new.blocksize, new.compress_statistics) == (old.quant_type, old.blocksize,
-                                                                            old.compress_statistics)
+        assert (new.quant_type, new.blocksize, new.compress_statistics) == (
+            old.quant_type,
+            old.blocksize,
+            old.compress_statistics,
+        )
         assert new.quant_state.dtype == old.quant_state.dtype
         assert layer.get_base_layer().compute_dtype == torch.float32
     unloaded = model.merge_and_unload()
@@ -303,8 +322,9 @@ def test_bnb_2078_detector_on_a_bare_linear4bit():
 def test_no_grad_eval_forward_leaves_every_4bit_weight_untouched(llama_dir):
     """The guard: after get_peft_model no Linear4bit is repacked, adapted or not (lm_head-style leftovers too)."""
     base = _load_4bit(llama_dir)
-    model = get_peft_model(base, sparse_peft.SparseLoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                                 init_weights=False))
+    model = get_peft_model(
+        base, sparse_peft.SparseLoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False)
+    )
     quantized = _projections(model)
     before = {n: _weight_bytes(m) for n, m in quantized.items()}
     ids = torch.randint(0, VOCAB, (1, 6))
@@ -356,12 +376,28 @@ def _token_dataset(n=16, length=12):
 def test_sft_trainer_on_a_4bit_llama(llama_dir, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                     logging_steps=100, save_strategy="no", report_to=[], use_cpu=True, max_length=16,
-                     dataset_num_proc=None, eval_strategy="no")
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=100,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        max_length=16,
+        dataset_num_proc=None,
+        eval_strategy="no",
+    )
     config = sparse_peft.SparseLoraConfig(r=4, init_weights=False)
-    trainer = SFTTrainer(model=_load_4bit(llama_dir), args=args, train_dataset=_token_dataset(),
-                         eval_dataset=_token_dataset(4), processing_class=make_tokenizer(), peft_config=config)
+    trainer = SFTTrainer(
+        model=_load_4bit(llama_dir),
+        args=args,
+        train_dataset=_token_dataset(),
+        eval_dataset=_token_dataset(4),
+        processing_class=make_tokenizer(),
+        peft_config=config,
+    )
     model = trainer.model
     layers = {n: m for n, m in model.named_modules() if isinstance(m, sparse_peft.tuners.sparse_lora.SparseLoraLayer)}
     layer = next(iter(layers.values()))

@@ -27,8 +27,10 @@ def _layers(model, adapter="default"):
 
 
 def _snapshot(model):
-    return {n: (m.spiel_indices["default"].clone(), m.spiel_values["default"].detach().clone())
-            for n, m in _layers(model).items()}
+    return {
+        n: (m.spiel_indices["default"].clone(), m.spiel_values["default"].detach().clone())
+        for n, m in _layers(model).items()
+    }
 
 
 def _loop(model, family="llama", steps=4, lr=1e-2, opt=None, after_step=None, seed=1):
@@ -56,11 +58,19 @@ def _spiel(**kw):
 def test_gradient_equals_dense_autograd(conv, n_adapters):
     torch.manual_seed(0)
     lin = Conv1D(12, 16) if conv else nn.Linear(16, 12)
-    model = get_peft_model(nn.Sequential(lin).double(), sparse_peft.SpielConfig(
-        r=2, target_modules=["0"], init_weights=False, values_dtype="float64", preserve_sparsity=False))
+    model = get_peft_model(
+        nn.Sequential(lin).double(),
+        sparse_peft.SpielConfig(
+            r=2, target_modules=["0"], init_weights=False, values_dtype="float64", preserve_sparsity=False
+        ),
+    )
     if n_adapters == 2:
-        model.add_adapter("b", sparse_peft.SpielConfig(r=2, target_modules=["0"], init_weights=False,
-                                                       values_dtype="float64", preserve_sparsity=False))
+        model.add_adapter(
+            "b",
+            sparse_peft.SpielConfig(
+                r=2, target_modules=["0"], init_weights=False, values_dtype="float64", preserve_sparsity=False
+            ),
+        )
         model.base_model.set_adapter(["default", "b"])
     layer = model.base_model.model[0]
     names = ["default", "b"][:n_adapters]
@@ -149,8 +159,9 @@ def test_candidate_selection_equals_full_ranking(group):
     cap = None if size is None else regrowth.group_capacity(nonzero, idx[keep], size)
     scores = torch.rand(numel, generator=g)
     before = scores.clone()
-    fast = regrowth._grow_candidates(scores.clone().index_fill_(0, idx, -1.0).index_fill_(0, idx[keep], -math.inf),
-                                     n, cap, size)
+    fast = regrowth._grow_candidates(
+        scores.clone().index_fill_(0, idx, -1.0).index_fill_(0, idx[keep], -math.inf), n, cap, size
+    )
     assert fast is not None, "the candidate path was not taken"
     grown = regrowth.grow(scores, n, active=idx[keep], dropped=idx[slots], capacity=cap, group_size=size, scratch=True)
     assert torch.equal(scores, before), "grow(scratch=True) did not restore the scores"
@@ -221,8 +232,12 @@ def test_drop_and_grow_changes_indices_keeps_count_and_resets_optimizer():
 
 
 def test_dropped_slots_are_the_smallest_values():
-    model = get_peft_model(make_model("llama"), _spiel(reselection_steps=1, accumulation_steps=1, regrow_fraction=0.25,
-                                                       init_weights=False, auto_reselection=False))
+    model = get_peft_model(
+        make_model("llama"),
+        _spiel(
+            reselection_steps=1, accumulation_steps=1, regrow_fraction=0.25, init_weights=False, auto_reselection=False
+        ),
+    )
     layer = next(iter(_layers(model).values()))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # values unchanged by steps
     before = layer.spiel_values["default"].detach().clone()
@@ -235,8 +250,10 @@ def test_dropped_slots_are_the_smallest_values():
 
 @pytest.mark.parametrize("selection", ["ag", "ma"])
 def test_explicit_api_for_custom_loops(selection):
-    model = get_peft_model(make_model("llama"), _spiel(selection=selection, reselection_steps=2, accumulation_steps=1,
-                                                       auto_reselection=False))
+    model = get_peft_model(
+        make_model("llama"),
+        _spiel(selection=selection, reselection_steps=2, accumulation_steps=1, auto_reselection=False),
+    )
     first = _snapshot(model)
     _loop(model, steps=2)  # without spiel_step nothing is counted
     assert model.base_model.spiel_stats()["step"] == 0
@@ -255,8 +272,11 @@ def test_ag_buffer_only_in_window():
     model = get_peft_model(make_model("llama"), _spiel(reselection_steps=4, accumulation_steps=2))
     layer = next(iter(_layers(model).values()))
     seen = []
-    _loop(model, steps=4, after_step=lambda s, o: seen.append(("default" in layer._spiel_ag,
-                                                                 layer._spiel_collect["default"])))
+    _loop(
+        model,
+        steps=4,
+        after_step=lambda s, o: seen.append(("default" in layer._spiel_ag, layer._spiel_collect["default"])),
+    )
     # the window is steps 3 and 4: armed after step 2, filled by step 3's backward, freed by the reselection
     assert seen == [(False, False), (False, True), (True, True), (False, False)]
 
@@ -269,8 +289,9 @@ def test_seft_counts_exact_after_every_step_and_merge(nm, dtype, caplog):
     make_sparse(base, nm=nm)
     nnz = {n: int((linear_weight(m) != 0).sum()) for n, m in prunable(base).items()}
     with caplog.at_level(logging.WARNING, logger="sparse_peft.spiel"):
-        model = get_peft_model(base, _spiel(r=2, reselection_steps=2, accumulation_steps=1, regrow_fraction=0.5,
-                                            init_weights=False))
+        model = get_peft_model(
+            base, _spiel(r=2, reselection_steps=2, accumulation_steps=1, regrow_fraction=0.5, init_weights=False)
+        )
     assert "preserve_sparsity=True" in caplog.text
     assert model.peft_config["default"].preserve_sparsity is True
     if nm:
@@ -305,8 +326,9 @@ def test_seft_starts_on_the_base_non_zeros_and_revives_only_by_growth(nm):
     base = make_model("llama")
     make_sparse(base, nm=nm)
     zero = {n: linear_weight(m) == 0 for n, m in prunable(base).items()}
-    model = get_peft_model(base, _spiel(r=2, reselection_steps=3, accumulation_steps=1, regrow_fraction=0.5,
-                                        init_weights=False))
+    model = get_peft_model(
+        base, _spiel(r=2, reselection_steps=3, accumulation_steps=1, regrow_fraction=0.5, init_weights=False)
+    )
     for m in _layers(model).values():
         w = m._linear_weight().reshape(-1)
         assert (w[m.spiel_indices["default"].long()] != 0).all(), "an initial slot sits on a pruned weight"
@@ -321,8 +343,10 @@ def test_seft_starts_on_the_base_non_zeros_and_revives_only_by_growth(nm):
         model.unmerge_adapter()
 
     _loop(model, steps=3, after_step=same_zeros)
-    revived = sum(int((m._linear_weight().reshape(-1)[m.spiel_indices["default"].long()] == 0).sum())
-                  for m in _layers(model).values())
+    revived = sum(
+        int((m._linear_weight().reshape(-1)[m.spiel_indices["default"].long()] == 0).sum())
+        for m in _layers(model).values()
+    )
     assert revived > 0, "the reselection grew no pruned position"
 
 
@@ -379,19 +403,22 @@ def test_fusion_sums_overlaps_and_switching_is_a_scatter():
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("kw,match", [
-    (dict(regrow_fraction=-0.1), "regrow_fraction"),
-    (dict(regrow_fraction=1.5), "regrow_fraction"),
-    (dict(density=-0.01), "density"),
-    (dict(r=0), "SpielConfig.r"),
-    (dict(r=4, density=0.1), "only one budget"),
-    (dict(num_deltas=-5), "num_deltas"),
-    (dict(reselection_steps=0), "reselection_steps"),
-    (dict(accumulation_steps=30), "accumulation_steps"),
-    (dict(selection="xx"), "selection"),
-    (dict(regrow_schedule="step"), "regrow_schedule"),
-    (dict(total_steps=-1), "total_steps"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(regrow_fraction=-0.1), "regrow_fraction"),
+        (dict(regrow_fraction=1.5), "regrow_fraction"),
+        (dict(density=-0.01), "density"),
+        (dict(r=0), "SpielConfig.r"),
+        (dict(r=4, density=0.1), "only one budget"),
+        (dict(num_deltas=-5), "num_deltas"),
+        (dict(reselection_steps=0), "reselection_steps"),
+        (dict(accumulation_steps=30), "accumulation_steps"),
+        (dict(selection="xx"), "selection"),
+        (dict(regrow_schedule="step"), "regrow_schedule"),
+        (dict(total_steps=-1), "total_steps"),
+    ],
+)
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         sparse_peft.SpielConfig(**kw)
@@ -440,12 +467,28 @@ def test_sft_trainer_with_only_peft_config_reselects(tmp_path):
     make_sparse(base)
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 100, (12,), generator=g)) for _ in range(16)]
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                     learning_rate=1e-2, logging_steps=100, save_strategy="no", report_to=[], use_cpu=True,
-                     max_length=16, dataset_num_proc=None, gradient_checkpointing=True)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        logging_steps=100,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        max_length=16,
+        dataset_num_proc=None,
+        gradient_checkpointing=True,
+    )
     config = sparse_peft.SpielConfig(r=2, target_modules=TARGETS, reselection_steps=2, accumulation_steps=1)
-    trainer = SFTTrainer(model=base, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                         processing_class=_word_tokenizer(), peft_config=config)
+    trainer = SFTTrainer(
+        model=base,
+        args=args,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=_word_tokenizer(),
+        peft_config=config,
+    )
     model = trainer.model
     nnz = {n: int((linear_weight(m) != 0).sum()) for n, m in prunable(model).items()}
     first = _snapshot(model)
@@ -471,9 +514,18 @@ def _trainer_run(out_dir, max_steps, resume=None):
     model = get_peft_model(base, _spiel(reselection_steps=3, accumulation_steps=2, regrow_fraction=0.5))
     data = [inputs("llama", batch=1, seed=s) for s in range(8)]
     data = [{k: v[0] for k, v in d.items()} for d in data]
-    args = TrainingArguments(output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=2,
-                             learning_rate=1e-2, save_steps=4, logging_steps=100, report_to=[], use_cpu=True,
-                             seed=0, save_only_model=False)
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        save_steps=4,
+        logging_steps=100,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        save_only_model=False,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     reselected = []
     tuner = model.base_model
@@ -517,8 +569,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, selection: str) 
     try:
         base = make_model("llama", seed=0)
         make_sparse(base)
-        model = get_peft_model(base, _spiel(selection=selection, reselection_steps=2, accumulation_steps=1,
-                                            regrow_fraction=0.5))
+        model = get_peft_model(
+            base, _spiel(selection=selection, reselection_steps=2, accumulation_steps=1, regrow_fraction=0.5)
+        )
         ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
         start = _snapshot(model)
@@ -528,8 +581,10 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, selection: str) 
             opt.zero_grad()
         end = _snapshot(model)
         changed = sum(int((start[n][0] != end[n][0]).sum()) for n in start)
-        torch.save({"end": end, "changed": changed, "stats": model.base_model.spiel_stats()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"end": end, "changed": changed, "stats": model.base_model.spiel_stats()},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

@@ -21,13 +21,27 @@ from test_matrix import TUNERS
 
 def _chat_dataset(n=24):
     texts = word_texts(n)
-    return datasets.Dataset.from_list([{"messages": [{"role": "user", "content": t[:40]},
-                                                     {"role": "assistant", "content": t[40:100]}]} for t in texts])
+    return datasets.Dataset.from_list(
+        [
+            {"messages": [{"role": "user", "content": t[:40]}, {"role": "assistant", "content": t[40:100]}]}
+            for t in texts
+        ]
+    )
 
 
 def _sft_args(out, **kw):
-    base = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-                save_strategy="no", logging_steps=1, bf16=False, dataloader_pin_memory=False, disable_tqdm=True)
+    base = dict(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        bf16=False,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+    )
     base.update(kw)
     return SFTConfig(**base)
 
@@ -41,8 +55,14 @@ def test_sft_trainer_with_only_peft_config(tuner, tmp_path):
     config = TUNERS[tuner]["make"]("llama")
     args = _sft_args(tmp_path / "run", eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2)
     assert args.gradient_checkpointing, "TRL's default is on; the test must exercise it"
-    trainer = SFTTrainer(model=model, args=args, train_dataset=_chat_dataset(), eval_dataset=_chat_dataset(8),
-                         processing_class=make_tokenizer(), peft_config=config)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=_chat_dataset(),
+        eval_dataset=_chat_dataset(8),
+        processing_class=make_tokenizer(),
+        peft_config=config,
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
@@ -53,17 +73,22 @@ def test_sft_trainer_with_only_peft_config(tuner, tmp_path):
     assert check.ok and (TUNERS[tuner]["invariant"] == "count" or check.revived == 0)
 
     # resume from the step-2 checkpoint and finish
-    resumed = SFTTrainer(model=make_sparse_model(), args=_sft_args(tmp_path / "run", max_steps=4),
-                         train_dataset=_chat_dataset(), processing_class=make_tokenizer(),
-                         peft_config=TUNERS[tuner]["make"]("llama"))
+    resumed = SFTTrainer(
+        model=make_sparse_model(),
+        args=_sft_args(tmp_path / "run", max_steps=4),
+        train_dataset=_chat_dataset(),
+        processing_class=make_tokenizer(),
+        peft_config=TUNERS[tuner]["make"]("llama"),
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert resumed.state.global_step == 4
 
     loaded = PeftModel.from_pretrained(make_sparse_model(), str(tmp_path / "final"))
     batch = torch.randint(3, 128, (2, 12))
     trainer.model.eval()
-    torch.testing.assert_close(loaded(input_ids=batch).logits, trainer.model(input_ids=batch).logits,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        loaded(input_ids=batch).logits, trainer.model(input_ids=batch).logits, atol=1e-5, rtol=1e-5
+    )
 
 
 def make_sparse_model():
@@ -81,9 +106,17 @@ def test_hf_trainer_with_peft_model(tuner, tmp_path):
     ds = datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     model = get_peft_model(make_sparse_model(), TUNERS[tuner]["make"]("llama"))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
-                                          learning_rate=1e-2, report_to=[], save_strategy="no",
-                                          use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
     transformers.Trainer(model=model, args=args, train_dataset=ds).train()
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
 
@@ -107,9 +140,14 @@ def test_sparsity_callback_warns_when_a_zero_comes_back(tmp_path):
 
 
 def test_time_budget_stops_training(tmp_path):
-    trainer = SFTTrainer(model=make_sparse_model(), args=_sft_args(tmp_path, max_steps=1000),
-                         train_dataset=_chat_dataset(), processing_class=make_tokenizer(),
-                         peft_config=sparse_peft.SparseLoraConfig(r=2), callbacks=[TimeBudgetCallback(1e-9)])
+    trainer = SFTTrainer(
+        model=make_sparse_model(),
+        args=_sft_args(tmp_path, max_steps=1000),
+        train_dataset=_chat_dataset(),
+        processing_class=make_tokenizer(),
+        peft_config=sparse_peft.SparseLoraConfig(r=2),
+        callbacks=[TimeBudgetCallback(1e-9)],
+    )
     trainer.train()
     assert trainer.state.global_step == 1
     with pytest.raises(ValueError, match="max_seconds"):
@@ -143,9 +181,15 @@ def test_squarehead_trainer_runs_and_logs(tmp_path):
     dense = make_model("llama")
     student = copy.deepcopy(dense)
     make_sparse(student)
-    trainer = SquareHeadSFTTrainer(model=student, teacher_model=dense, distill_weight=1.0,
-                                   args=_sft_args(tmp_path, max_steps=2), train_dataset=_chat_dataset(),
-                                   processing_class=make_tokenizer(), peft_config=sparse_peft.SparseLoraConfig(r=2))
+    trainer = SquareHeadSFTTrainer(
+        model=student,
+        teacher_model=dense,
+        distill_weight=1.0,
+        args=_sft_args(tmp_path, max_steps=2),
+        train_dataset=_chat_dataset(),
+        processing_class=make_tokenizer(),
+        peft_config=sparse_peft.SparseLoraConfig(r=2),
+    )
     trainer.train()
     logged = [h["squarehead"] for h in trainer.state.log_history if "squarehead" in h]
     assert logged and all(v > 0 for v in logged)

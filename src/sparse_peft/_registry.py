@@ -21,8 +21,14 @@ import importlib.abc
 import importlib.machinery
 import sys
 
-__all__ = ["BufferDict", "SparsePeftType", "install_missing_type_hint", "missing_type_hint", "register",
-           "registered_types"]
+__all__ = [
+    "BufferDict",
+    "SparsePeftType",
+    "install_missing_type_hint",
+    "missing_type_hint",
+    "register",
+    "registered_types",
+]
 
 _TABLES = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
 
@@ -66,8 +72,11 @@ def registered_types() -> dict[str, type]:
     """Our peft types that peft currently resolves, mapped to their config class (used by tests and diagnostics)."""
     from peft import mapping
 
-    return {t.value: mapping.PEFT_TYPE_TO_CONFIG_MAPPING[t] for t in SparsePeftType
-            if t in mapping.PEFT_TYPE_TO_CONFIG_MAPPING}
+    return {
+        t.value: mapping.PEFT_TYPE_TO_CONFIG_MAPPING[t]
+        for t in SparsePeftType
+        if t in mapping.PEFT_TYPE_TO_CONFIG_MAPPING
+    }
 
 
 def missing_type_hint(peft_type: str) -> str:

@@ -39,14 +39,21 @@ def _dtype(name: str):
 
 
 def _add_model(p, default="smollm2"):
-    p.add_argument("--model", default=default, help="a local model folder, or 'smollm2' for the embedded "
-                   "SmolLM2-135M-Instruct (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default=default,
+        help="a local model folder, or 'smollm2' for the embedded SmolLM2-135M-Instruct (default: %(default)s)",
+    )
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
 
 
 def _add_data(p):
-    p.add_argument("--data", default="wiki", help="a local .txt/.json/.jsonl file (records with 'text', or chat "
-                   "'messages' for finetune), or 'wiki' for the embedded Wikipedia summaries (default)")
+    p.add_argument(
+        "--data",
+        default="wiki",
+        help="a local .txt/.json/.jsonl file (records with 'text', or chat "
+        "'messages' for finetune), or 'wiki' for the embedded Wikipedia summaries (default)",
+    )
     p.add_argument("--seq-len", type=int, default=256)
 
 
@@ -56,19 +63,29 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def cmd(name, help_):
-        return sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=EPILOGS[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     p = cmd("prune", "Prune a model (magnitude, Wanda, SparseGPT; unstructured or N:M) and save it.")
     _add_model(p)
     _add_data(p)
     p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
-    p.add_argument("--sparsity", type=float, default=None, help="fraction in [0, 1); default 0.5 (implied by --pattern)")
+    p.add_argument(
+        "--sparsity", type=float, default=None, help="fraction in [0, 1); default 0.5 (implied by --pattern)"
+    )
     p.add_argument("--pattern", default=None, help="N:M pattern such as 2:4")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"])
     p.add_argument("--repair", action="store_true", help="run DSnoT on each layer right after pruning it (same pass)")
-    p.add_argument("--refit", action="store_true",
-                   help="refit each layer's kept weights by least squares for its final mask (same pass)")
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="refit each layer's kept weights by least squares for its final mask (same pass)",
+    )
     p.add_argument("--nsamples", type=int, default=64, help="calibration sequences")
     p.add_argument("--out", required=True)
 
@@ -133,8 +150,16 @@ def _prune(args):
         train, _ = pipeline.load_texts(args.data)
         calib = calibration_from_texts(tok, train[:4000], nsamples=args.nsamples, seq_len=args.seq_len)
     sparsity = args.sparsity if args.sparsity is not None or args.pattern else 0.5
-    report = prune(model, args.method, sparsity, args.pattern, calib, allocation=args.allocation, repair=args.repair,
-                   refit=args.refit)
+    report = prune(
+        model,
+        args.method,
+        sparsity,
+        args.pattern,
+        calib,
+        allocation=args.allocation,
+        repair=args.repair,
+        refit=args.refit,
+    )
     pipeline.save_model(model, tok, args.out)
     print(report)
     print(f"saved the pruned model to {args.out}")
@@ -148,10 +173,21 @@ def _finetune(args):
     config = pipeline.peft_config(args.method, r=args.r, total_steps=args.max_steps)
     resume = True if args.resume == "last" else args.resume
     trainer = pipeline.finetune(
-        model, tok, config, dataset, out_dir=args.out, max_steps=args.max_steps, max_seconds=args.max_seconds,
-        lr=args.lr or pipeline.DEFAULT_LR.get(args.method, 1e-3), batch_size=args.batch_size,
-        gradient_checkpointing=args.gradient_checkpointing, eval_dataset=eval_ds if args.eval_steps else None, eval_steps=args.eval_steps,
-        save_steps=args.save_steps, resume_from_checkpoint=resume, check_sparsity_every=50,
+        model,
+        tok,
+        config,
+        dataset,
+        out_dir=args.out,
+        max_steps=args.max_steps,
+        max_seconds=args.max_seconds,
+        lr=args.lr or pipeline.DEFAULT_LR.get(args.method, 1e-3),
+        batch_size=args.batch_size,
+        gradient_checkpointing=args.gradient_checkpointing,
+        eval_dataset=eval_ds if args.eval_steps else None,
+        eval_steps=args.eval_steps,
+        save_steps=args.save_steps,
+        resume_from_checkpoint=resume,
+        check_sparsity_every=50,
     )
     trainer.save_model(args.out)
     print(f"saved the {args.method} adapter to {args.out}")
@@ -178,8 +214,11 @@ def _eval(args):
     _, eval_texts = pipeline.load_texts(args.data)
     blocks = pipeline.eval_blocks(tok, eval_texts, args.seq_len, args.blocks)
     ppl = perplexity(model, blocks, batch_size=args.batch_size)
-    print(json.dumps({"perplexity": ppl, "blocks": len(blocks), "seq_len": args.seq_len}) if args.json
-          else f"perplexity {ppl:.3f} on {len(blocks)} held-out blocks of {args.seq_len} tokens")
+    print(
+        json.dumps({"perplexity": ppl, "blocks": len(blocks), "seq_len": args.seq_len})
+        if args.json
+        else f"perplexity {ppl:.3f} on {len(blocks)} held-out blocks of {args.seq_len} tokens"
+    )
 
 
 def _merge(args):
@@ -192,8 +231,10 @@ def _merge(args):
     if not check.ok:
         raise pipeline.UserError(f"merging broke the base's sparsity ({check}); nothing was saved.")
     pipeline.save_model(merged, tok, args.out)
-    print(f"merged and verified: {check.revived} of {check.zeros_before:,} zeros came back, nnz "
-          f"{check.nnz_before:,} -> {check.nnz_after:,}" + (f", {args.nm_pattern} valid" if args.nm_pattern else ""))
+    print(
+        f"merged and verified: {check.revived} of {check.zeros_before:,} zeros came back, nnz "
+        f"{check.nnz_before:,} -> {check.nnz_after:,}" + (f", {args.nm_pattern} valid" if args.nm_pattern else "")
+    )
     print(f"saved the merged model to {args.out}")
 
 

@@ -27,9 +27,7 @@ def _batch_nll(model: torch.nn.Module, input_ids: torch.LongTensor) -> tuple[flo
     return nll.item(), target.numel()
 
 
-def perplexity(
-    model: torch.nn.Module, blocks: torch.LongTensor, batch_size: int = 4, progress: bool = True
-) -> float:
+def perplexity(model: torch.nn.Module, blocks: torch.LongTensor, batch_size: int = 4, progress: bool = True) -> float:
     """Causal-LM perplexity ``exp(mean NLL)`` over every predicted token of ``blocks``.
 
     Each block of length T predicts tokens 1..T-1 from their prefix (no context across blocks);

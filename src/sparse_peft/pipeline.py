@@ -38,8 +38,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
         return load_smollm2(dtype)
     path = Path(spec)
     if not path.is_dir() or not (path / "config.json").exists():
-        raise UserError(f"--model {spec!r} is not a model folder (no config.json there). Pass a folder saved with "
-                        f"save_pretrained, or {DEFAULT_MODEL!r} for the embedded SmolLM2-135M.")
+        raise UserError(
+            f"--model {spec!r} is not a model folder (no config.json there). Pass a folder saved with "
+            f"save_pretrained, or {DEFAULT_MODEL!r} for the embedded SmolLM2-135M."
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -118,8 +120,9 @@ def training_datasets(spec: str, tokenizer, seq_len: int, eval_size: int = 16):
     train_texts, eval_texts = load_texts(spec)
     blocks = token_blocks(tokenizer, train_texts, seq_len=seq_len)  # (N, T)
     if len(blocks) == 0:
-        raise UserError(f"--data {spec!r} holds fewer than seq_len={seq_len} tokens; pass more text or a smaller "
-                        "--seq-len.")
+        raise UserError(
+            f"--data {spec!r} holds fewer than seq_len={seq_len} tokens; pass more text or a smaller --seq-len."
+        )
     held_out = token_blocks(tokenizer, eval_texts, seq_len=seq_len, max_blocks=eval_size)
     eval_ds = datasets.Dataset.from_dict({"input_ids": held_out.tolist()}) if len(held_out) else None
     return datasets.Dataset.from_dict({"input_ids": blocks.tolist()}), eval_ds
@@ -165,11 +168,25 @@ def peft_config(method: str, r: int = 16, **kw):
 
 
 # ---- fine-tuning --------------------------------------------------------------------------------------------
-def finetune(model: nn.Module, tokenizer, config, train_dataset, *, out_dir: str, max_steps: int = 100,
-             max_seconds: Optional[float] = None, lr: float = 1e-3, batch_size: int = 4,
-             gradient_checkpointing: bool = False, eval_dataset=None, eval_steps: Optional[int] = None,
-             resume_from_checkpoint=None, save_steps: Optional[int] = None, logging_steps: int = 10,
-             check_sparsity_every: int = 0):
+def finetune(
+    model: nn.Module,
+    tokenizer,
+    config,
+    train_dataset,
+    *,
+    out_dir: str,
+    max_steps: int = 100,
+    max_seconds: Optional[float] = None,
+    lr: float = 1e-3,
+    batch_size: int = 4,
+    gradient_checkpointing: bool = False,
+    eval_dataset=None,
+    eval_steps: Optional[int] = None,
+    resume_from_checkpoint=None,
+    save_steps: Optional[int] = None,
+    logging_steps: int = 10,
+    check_sparsity_every: int = 0,
+):
     """Fine-tune with TRL's ``SFTTrainer`` and nothing but ``peft_config``; returns the trainer.
 
     ``max_seconds`` stops training after that much wall time (a fixed budget); ``max_steps`` always bounds it.
@@ -179,21 +196,38 @@ def finetune(model: nn.Module, tokenizer, config, train_dataset, *, out_dir: str
     from .training.callbacks import SparsityCallback, TimeBudgetCallback
 
     args = SFTConfig(
-        output_dir=out_dir, max_steps=max_steps, learning_rate=lr, per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=min(10, max(1, max_steps // 10)),
-        logging_steps=logging_steps, report_to=[], bf16=False,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        eval_strategy="steps" if eval_dataset is not None and eval_steps else "no", eval_steps=eval_steps,
-        dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=False,
+        output_dir=out_dir,
+        max_steps=max_steps,
+        learning_rate=lr,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_checkpointing=gradient_checkpointing,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(10, max(1, max_steps // 10)),
+        logging_steps=logging_steps,
+        report_to=[],
+        bf16=False,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        eval_strategy="steps" if eval_dataset is not None and eval_steps else "no",
+        eval_steps=eval_steps,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=False,
     )
     callbacks = []
     if max_seconds:
         callbacks.append(TimeBudgetCallback(max_seconds))
     if check_sparsity_every:
         callbacks.append(SparsityCallback(check_every=check_sparsity_every, allow_moves=config.peft_type == "SPIEL"))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=config, callbacks=callbacks)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=config,
+        callbacks=callbacks,
+    )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
 

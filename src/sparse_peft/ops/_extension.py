@@ -165,8 +165,11 @@ def _try_load(verbose: bool = False) -> ExtensionState:
         return ExtensionState(mod, "prebuilt")
     skipped = f"prebuilt {PREBUILT} skipped: {why}" if why else ""
     if skipped:
-        warnings.warn(f"sparse_peft: {skipped}; compiling the kernels just in time instead. {_REBUILD}",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"sparse_peft: {skipped}; compiling the kernels just in time instead. {_REBUILD}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     try:
         return ExtensionState(_compile(verbose), "jit", skipped)
     except Exception as exc:  # compiler missing, CUDA mismatch, ninja missing, ...
@@ -182,8 +185,11 @@ def load(verbose: bool = False) -> Optional[Any]:
             if _STATE is None:
                 state = _try_load(verbose)
                 if state.source == "failed":
-                    warnings.warn(f"sparse_peft: could not build the CUDA extension ({state.reason}). {_FIX}",
-                                  RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"sparse_peft: could not build the CUDA extension ({state.reason}). {_FIX}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 _STATE = state
     return _STATE.module
 
@@ -203,11 +209,20 @@ def status() -> dict:
     """
     if _STATE is None:
         off = disabled()
-        return {"path": "reference" if off else "not-loaded", "loaded": False,
-                "source": "disabled" if off else "not-loaded", "reason": f"{DISABLE_ENV}=1" if off else "",
-                "prebuilt": _prebuilt_file()}
-    return {"path": _STATE.path, "loaded": _STATE.available, "source": _STATE.source, "reason": _STATE.reason,
-            "prebuilt": _prebuilt_file()}
+        return {
+            "path": "reference" if off else "not-loaded",
+            "loaded": False,
+            "source": "disabled" if off else "not-loaded",
+            "reason": f"{DISABLE_ENV}=1" if off else "",
+            "prebuilt": _prebuilt_file(),
+        }
+    return {
+        "path": _STATE.path,
+        "loaded": _STATE.available,
+        "source": _STATE.source,
+        "reason": _STATE.reason,
+        "prebuilt": _prebuilt_file(),
+    }
 
 
 def probe() -> dict:
@@ -259,4 +274,3 @@ def _main(argv: list[str]) -> int:
     print(f"sparse_peft ops: {info['path']}: CUDA tensors use {_PATHS[info['path']]}; CPU tensors use the reference")
     print(info)
     return 0
-

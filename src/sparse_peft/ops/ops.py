@@ -39,7 +39,9 @@ def _tokens(grad_output: torch.Tensor, input: torch.Tensor) -> tuple[torch.Tenso
     g = grad_output.reshape(-1, grad_output.shape[-1])  # (T, d_out)
     x = input.reshape(-1, input.shape[-1])  # (T, d_in)
     if g.shape[0] != x.shape[0]:
-        raise ValueError(f"sparse_peft: grad_output and input have different token counts ({g.shape[0]} vs {x.shape[0]})")
+        raise ValueError(
+            f"sparse_peft: grad_output and input have different token counts ({g.shape[0]} vs {x.shape[0]})"
+        )
     return g, x
 
 
@@ -94,8 +96,9 @@ def _scatter_add_delta_inplace(weight: torch.Tensor, indices: torch.Tensor, valu
 
 
 @_scatter_add_delta_inplace.register_kernel("cuda")
-def _scatter_add_delta_inplace_cuda(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                                    alpha: float) -> None:
+def _scatter_add_delta_inplace_cuda(
+    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float
+) -> None:
     ext = _native(weight)
     if ext is None:
         reference.scatter_add_delta_(weight, indices, values, alpha)
@@ -159,8 +162,9 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _partial_weight_grad_mm(grad_output: torch.Tensor, input: torch.Tensor, rows: Optional[torch.Tensor],
-                            cols: Optional[torch.Tensor]) -> torch.Tensor:
+def _partial_weight_grad_mm(
+    grad_output: torch.Tensor, input: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]
+) -> torch.Tensor:
     g, x = _tokens(grad_output, input)  # (T, d_out), (T, d_in)
     if rows is not None:
         g = g.index_select(1, rows.long())  # (T, R)
@@ -170,8 +174,9 @@ def _partial_weight_grad_mm(grad_output: torch.Tensor, input: torch.Tensor, rows
 
 
 @torch.library.custom_op("sparse_peft::partial_weight_grad", mutates_args=())
-def _partial_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, rows: Optional[torch.Tensor],
-                         cols: Optional[torch.Tensor]) -> torch.Tensor:
+def _partial_weight_grad(
+    grad_output: torch.Tensor, input: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]
+) -> torch.Tensor:
     return reference.partial_weight_grad(grad_output, input, rows, cols)
 
 
@@ -218,8 +223,9 @@ _partial_weight_grad.register_autograd(_partial_backward, setup_context=_partial
 
 
 # --------------------------------------------------------------------------------------------------- masked_lora_grad
-def _masked_lora_grad_blocked(grad_output, input, lora_a, lora_b, mask, scaling: float,
-                              block_bytes: int = 64 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_lora_grad_blocked(
+    grad_output, input, lora_a, lora_b, mask, scaling: float, block_bytes: int = 64 << 20
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same function as the reference, but the masked gradient exists one block of output rows at a time."""
     g, x = _tokens(grad_output, input)  # (T, d_out), (T, d_in)
     d_out, d_in = g.shape[1], x.shape[1]
@@ -236,8 +242,14 @@ def _masked_lora_grad_blocked(grad_output, input, lora_a, lora_b, mask, scaling:
 
 
 @torch.library.custom_op("sparse_peft::masked_lora_grad", mutates_args=())
-def _masked_lora_grad(grad_output: torch.Tensor, input: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                      mask: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_lora_grad(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return reference.masked_lora_grad(grad_output, input, lora_a, lora_b, mask, scaling)
 
 
@@ -294,8 +306,9 @@ def scatter_add_delta(weight: torch.Tensor, indices: torch.Tensor, values: torch
     return _scatter_add_delta(weight, indices, values.reshape(-1))
 
 
-def scatter_add_delta_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                       alpha: float = 1.0) -> torch.Tensor:
+def scatter_add_delta_(
+    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
     """In place ``weight += alpha * scatter(values)`` (merge/unmerge). Not differentiable; returns ``weight``."""
     _check_indices(indices)
     if values.numel() != indices.numel():
@@ -316,8 +329,12 @@ def gather_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, indices: 
     return _gather_weight_grad(grad_output, input, indices)
 
 
-def partial_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, rows: Optional[torch.Tensor] = None,
-                        cols: Optional[torch.Tensor] = None) -> torch.Tensor:
+def partial_weight_grad(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+    cols: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """``grad_output^T @ input`` restricted to output ``rows`` and/or input ``cols``: fp32 ``(R or d_out, C or d_in)``."""
     for t, name in ((rows, "rows"), (cols, "cols")):
         if t is not None:
@@ -326,8 +343,14 @@ def partial_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, rows: Op
     return _partial_weight_grad(grad_output, input, rows, cols)
 
 
-def masked_lora_grad(grad_output: torch.Tensor, input: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                     mask: torch.Tensor, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_lora_grad(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_A, grad_B)`` of ``y = x (s · M ⊙ (B A))^T`` in fp32: ``B^T G`` and ``G A^T`` with ``G = s · M ⊙ (g^T x)``.
 
     On CUDA ``G`` is built one block of rows at a time (about 64 MB), never whole.

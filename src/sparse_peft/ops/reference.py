@@ -30,7 +30,9 @@ def scatter_add_delta(weight: torch.Tensor, indices: torch.Tensor, values: torch
     return out.reshape(weight.shape).to(weight.dtype)
 
 
-def scatter_add_delta_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def scatter_add_delta_(
+    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
     """In-place ``weight += alpha * scatter(values)`` (used by merge/unmerge). Returns ``weight``.
 
     Repeated indices are summed in fp32 and the element is rounded once to ``weight.dtype``.
@@ -70,8 +72,9 @@ def gather_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, indices: 
         order = torch.argsort(idx)
         sidx = idx[order]  # (k,) row-major, as CSR wants; repeats stay adjacent and each gets its own dot
         if sidx.numel() and not (0 <= int(sidx[0]) and int(sidx[-1]) < d_out * d_in):
-            raise IndexError(f"gather_weight_grad: indices must lie in [0, {d_out * d_in}), got "
-                             f"{int(sidx[0])}..{int(sidx[-1])}")
+            raise IndexError(
+                f"gather_weight_grad: indices must lie in [0, {d_out * d_in}), got {int(sidx[0])}..{int(sidx[-1])}"
+            )
         try:
             vals = _sampled_addmm(g, x, sidx)  # (k,) in sorted order
         except (RuntimeError, NotImplementedError):
@@ -90,16 +93,18 @@ def _sampled_addmm(g: torch.Tensor, x: torch.Tensor, sidx: torch.Tensor) -> torc
     crow[1:] = torch.bincount(sidx // d_in, minlength=d_out).cumsum(0)  # (d_out + 1,) row starts
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        pattern = torch.sparse_csr_tensor(crow, sidx % d_in, torch.zeros(sidx.numel()), size=(d_out, d_in),
-                                          check_invariants=False)
+        pattern = torch.sparse_csr_tensor(
+            crow, sidx % d_in, torch.zeros(sidx.numel()), size=(d_out, d_in), check_invariants=False
+        )
         return torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x, beta=0.0).values()  # (k,)
 
 
 _BLOCK_ELEMS = 1 << 22  # _gather_blocked: at most 16 MB of fp32 dense gradient at a time
 
 
-def _gather_blocked(g: torch.Tensor, x: torch.Tensor, sidx: torch.Tensor,
-                    block_elems: Optional[int] = None) -> torch.Tensor:
+def _gather_blocked(
+    g: torch.Tensor, x: torch.Tensor, sidx: torch.Tensor, block_elems: Optional[int] = None
+) -> torch.Tensor:
     """``(g^T x).flatten()[sidx]`` as a matmul over blocks of output rows and a gather; sorted ``sidx (k,)``."""
     d_out, d_in = g.shape[1], x.shape[1]
     rows = max(1, (block_elems or _BLOCK_ELEMS) // max(1, d_in))

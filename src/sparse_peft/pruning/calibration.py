@@ -36,8 +36,9 @@ _LAYER_PATHS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_ne
 # ---------------------------------------------------------------- calibration data
 
 
-def calibration_from_texts(tokenizer, texts: Iterable[str], nsamples: int = 128, seq_len: int = 256,
-                           seed: int = 0) -> torch.LongTensor:
+def calibration_from_texts(
+    tokenizer, texts: Iterable[str], nsamples: int = 128, seq_len: int = 256, seed: int = 0
+) -> torch.LongTensor:
     """``(nsamples, seq_len)`` token ids: the texts are tokenized, joined with EOS and cut into random windows.
 
     Raises ``ValueError`` when the texts hold fewer than ``seq_len + 1`` tokens.
@@ -49,15 +50,18 @@ def calibration_from_texts(tokenizer, texts: Iterable[str], nsamples: int = 128,
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
     if len(ids) <= seq_len:
-        raise ValueError(f"the calibration texts hold {len(ids)} tokens, fewer than seq_len={seq_len}; "
-                         "pass more text or a smaller seq_len.")
+        raise ValueError(
+            f"the calibration texts hold {len(ids)} tokens, fewer than seq_len={seq_len}; "
+            "pass more text or a smaller seq_len."
+        )
     rng = random.Random(seed)
     starts = [rng.randrange(0, len(ids) - seq_len) for _ in range(nsamples)]
     return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
 
 
-def calibration_from_dataset(dataset, tokenizer, text_column: str = "text", nsamples: int = 128,
-                             seq_len: int = 256, seed: int = 0) -> torch.LongTensor:
+def calibration_from_dataset(
+    dataset, tokenizer, text_column: str = "text", nsamples: int = 128, seq_len: int = 256, seed: int = 0
+) -> torch.LongTensor:
     """Like :func:`calibration_from_texts`, from the ``text_column`` of a ``datasets.Dataset``."""
     if text_column not in dataset.column_names:
         raise ValueError(f"text_column={text_column!r} is not a column of the dataset; it has {dataset.column_names}.")
@@ -67,8 +71,10 @@ def calibration_from_dataset(dataset, tokenizer, text_column: str = "text", nsam
 def iter_batches(calibration_data, batch_size: int) -> list[torch.Tensor]:
     """Split ``(nsamples, seq_len)`` ids into batches, or check and list an iterable of such batches."""
     if calibration_data is None:
-        raise ValueError("calibration_data is required here: pass a (nsamples, seq_len) tensor of token ids, e.g. "
-                         "from sparse_peft.pruning.calibration_from_texts(tokenizer, texts).")
+        raise ValueError(
+            "calibration_data is required here: pass a (nsamples, seq_len) tensor of token ids, e.g. "
+            "from sparse_peft.pruning.calibration_from_texts(tokenizer, texts)."
+        )
     if isinstance(calibration_data, torch.Tensor):
         batches = [calibration_data] if calibration_data.dim() == 2 else None
         if batches is None:
@@ -97,9 +103,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             obj = getattr(obj, attr, None)
         if isinstance(obj, nn.ModuleList) and len(obj) > 0:
             return obj
-    raise ValueError(f"cannot find the decoder blocks of {type(base).__name__}: sequential calibration looks for "
-                     f"{' or '.join(_LAYER_PATHS)}. Use a decoder-only model (Llama, Qwen2/3, Mistral, GPT-2), or "
-                     "method='magnitude' without calibration.")
+    raise ValueError(
+        f"cannot find the decoder blocks of {type(base).__name__}: sequential calibration looks for "
+        f"{' or '.join(_LAYER_PATHS)}. Use a decoder-only model (Llama, Qwen2/3, Mistral, GPT-2), or "
+        "method='magnitude' without calibration."
+    )
 
 
 def block_modules(model: nn.Module, block: nn.Module) -> dict[str, nn.Module]:
@@ -231,8 +239,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor],
-                         device: torch.device) -> list[tuple[torch.Tensor, tuple, dict]]:
+def capture_block_inputs(
+    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device
+) -> list[tuple[torch.Tensor, tuple, dict]]:
     """Run the model up to the first block for each batch; return ``(hidden_states, args, kwargs)`` per batch."""
     captured = []
 
@@ -352,8 +361,15 @@ class _LayerByLayer:
         self._outputs, self._errors = [None] * n, []
         self._last: list[tuple] = [(None, None)] * n
         num_threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
-        threads = [threading.Thread(target=self._work, args=(i, block, cache[i], num_threads, grad), daemon=True,
-                                    name=f"sparse_peft-calib-{i}") for i in range(n)]
+        threads = [
+            threading.Thread(
+                target=self._work,
+                args=(i, block, cache[i], num_threads, grad),
+                daemon=True,
+                name=f"sparse_peft-calib-{i}",
+            )
+            for i in range(n)
+        ]
         handles = [m.register_forward_pre_hook(self._pre_hook(name)) for name, m in self.modules.items()]
         try:
             for t in threads:
@@ -386,8 +402,10 @@ class _LayerByLayer:
                 t.join()
         missed = [name for name in self.modules if name not in self.processed]
         if missed:
-            raise RuntimeError(f"{missed[:3]} were never called by their block's forward, so per_layer calibration "
-                               "could not process them; pass per_layer=False (or true_sequential=False to prune).")
+            raise RuntimeError(
+                f"{missed[:3]} were never called by their block's forward, so per_layer calibration "
+                "could not process them; pass per_layer=False (or true_sequential=False to prune)."
+            )
         return self._outputs
 
 
@@ -425,8 +443,9 @@ def openmp_companion() -> Iterator[None]:
         _Companion.users += 1
         if _Companion.users == 1:
             started, _Companion.stop = threading.Event(), threading.Event()
-            _Companion.thread = threading.Thread(target=companion, args=(started, _Companion.stop), daemon=True,
-                                                 name="sparse_peft-openmp-companion")
+            _Companion.thread = threading.Thread(
+                target=companion, args=(started, _Companion.stop), daemon=True, name="sparse_peft-openmp-companion"
+            )
             _Companion.thread.start()
             started.wait()
     try:
@@ -443,8 +462,17 @@ def openmp_companion() -> Iterator[None]:
 BlockFn = Callable[[int, dict[str, nn.Module], dict[str, InputStats]], Optional[bool]]
 
 
-def _calibrate_block(block: nn.Module, modules: dict[str, nn.Module], cache: list, process: Callable, *,
-                     per_layer: bool, want_hessian: bool, want_sum: bool, need_outputs: bool) -> list:
+def _calibrate_block(
+    block: nn.Module,
+    modules: dict[str, nn.Module],
+    cache: list,
+    process: Callable,
+    *,
+    per_layer: bool,
+    want_hessian: bool,
+    want_sum: bool,
+    need_outputs: bool,
+) -> list:
     """Collect statistics of one block, let ``process`` change it, and return its outputs for every cached batch."""
     if per_layer:
         runner = _LayerByLayer(modules, want_hessian, want_sum)
@@ -461,9 +489,19 @@ def _calibrate_block(block: nn.Module, modules: dict[str, nn.Module], cache: lis
 
 
 @torch.no_grad()
-def run_sequential(model: nn.Module, calibration_data, process: BlockFn, *, want_hessian: bool = False,
-                   want_sum: bool = False, per_layer: bool = False, batch_size: int = 8, device=None,
-                   progress: bool = True, desc: str = "calibrating") -> None:
+def run_sequential(
+    model: nn.Module,
+    calibration_data,
+    process: BlockFn,
+    *,
+    want_hessian: bool = False,
+    want_sum: bool = False,
+    per_layer: bool = False,
+    batch_size: int = 8,
+    device=None,
+    progress: bool = True,
+    desc: str = "calibrating",
+) -> None:
     """Walk the decoder blocks in order; ``process(index, modules, stats)`` may change the block's weights.
 
     With ``per_layer=False``, ``process`` gets each block's prunable modules at once, with statistics from the
@@ -484,10 +522,16 @@ def run_sequential(model: nn.Module, calibration_data, process: BlockFn, *, want
             cache = capture_block_inputs(model, layers, batches, device)
             for index, block in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
                 block.to(device)
-                outputs = _calibrate_block(block, block_modules(model, block), cache,
-                                           lambda modules, stats: process(index, modules, stats),
-                                           per_layer=per_layer, want_hessian=want_hessian, want_sum=want_sum,
-                                           need_outputs=index < len(layers) - 1)
+                outputs = _calibrate_block(
+                    block,
+                    block_modules(model, block),
+                    cache,
+                    lambda modules, stats: process(index, modules, stats),
+                    per_layer=per_layer,
+                    want_hessian=want_hessian,
+                    want_sum=want_sum,
+                    need_outputs=index < len(layers) - 1,
+                )
                 cache = [(out, a, kw) for out, (_, a, kw) in zip(outputs, cache)]
                 block.to(home)
     finally:

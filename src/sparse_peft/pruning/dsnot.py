@@ -34,7 +34,7 @@ _OBJECTIVES = ("mse", "mean")
 
 def reconstruction_error(w_dense: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
     """``sum_t ||W_dense x_t - W x_t||^2`` on the calibration inputs, from ``H = sum_t x_t x_t^T``."""
-    delta = (w_dense.float() - weight.float())  # (d_out, d_in)
+    delta = w_dense.float() - weight.float()  # (d_out, d_in)
     return float(((delta @ hessian.float()) * delta).sum())
 
 
@@ -106,8 +106,14 @@ def _dsnot_layer(w_dense, weight, stats, nm, max_cycles, var_power, objective) -
     if objective == "mean" or stats.hessian is None:
         cost = eps_t.abs()
     else:
-        cost = _prefix_mse(wd - w, stats.hessian.to(w.device) / max(stats.count, 1), g, p,
-                           -wd.gather(1, g) * valid, w.gather(1, p) * valid)
+        cost = _prefix_mse(
+            wd - w,
+            stats.hessian.to(w.device) / max(stats.count, 1),
+            g,
+            p,
+            -wd.gather(1, g) * valid,
+            w.gather(1, p) * valid,
+        )
     cost = torch.where(allowed, cost, inf)
     t_best = cost.argmin(1, keepdim=True)  # (d_out, 1); ties -> fewest swaps
     active = torch.arange(K, device=w.device).unsqueeze(0) < t_best  # (d_out, K)
@@ -136,8 +142,10 @@ def _prefix_mse(delta, h, g, p, coef_g, coef_p) -> torch.Tensor:
 
 def check_objective(objective: str) -> None:
     if objective not in _OBJECTIVES:
-        raise ValueError(f"objective={objective!r} is not one of {_OBJECTIVES}: 'mse' stops each row where the "
-                         "calibration reconstruction error is lowest, 'mean' where the expected error is.")
+        raise ValueError(
+            f"objective={objective!r} is not one of {_OBJECTIVES}: 'mse' stops each row where the "
+            "calibration reconstruction error is lowest, 'mean' where the expected error is."
+        )
 
 
 def dense_snapshot(model: nn.Module, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
@@ -182,8 +190,10 @@ def repair(
     ref = dense_snapshot(dense) if isinstance(dense, nn.Module) else dict(dense)
     missing = [n for n in prunable_modules(model) if n not in ref]
     if missing:
-        raise ValueError(f"dense has no weight for {missing[:3]}...; pass the unpruned model or "
-                         "dense_snapshot(model) taken before pruning.")
+        raise ValueError(
+            f"dense has no weight for {missing[:3]}...; pass the unpruned model or "
+            "dense_snapshot(model) taken before pruning."
+        )
 
     def process(index, modules, stats):
         for name, module in modules.items():
@@ -191,6 +201,15 @@ def repair(
             new = dsnot_layer(ref[name].to(w.device), w, stats[name], nm, max_cycles, var_power, objective)
             w.copy_(new.to(w.dtype))
 
-    run_sequential(model, calibration_data, process, want_hessian=objective == "mse", want_sum=True,
-                   batch_size=batch_size, device=device, progress=progress, desc="dsnot")
+    run_sequential(
+        model,
+        calibration_data,
+        process,
+        want_hessian=objective == "mse",
+        want_sum=True,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc="dsnot",
+    )
     return sparsity_report(model, nm_pattern=pattern)

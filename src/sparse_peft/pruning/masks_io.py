@@ -24,8 +24,9 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], strict: bool = True,
-                nm_pattern: Optional[str] = None) -> SparsityReport:
+def apply_masks(
+    model: nn.Module, masks: Mapping[str, torch.Tensor], strict: bool = True, nm_pattern: Optional[str] = None
+) -> SparsityReport:
     """Zero every weight where ``masks`` is ``False``, in place; return the :func:`sparsity_report`.
 
     With ``strict`` every prunable module needs a mask and every mask a module, shapes included.
@@ -35,15 +36,18 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], strict: boo
         missing = sorted(set(modules) - set(masks))
         unknown = sorted(set(masks) - set(modules))
         if missing or unknown:
-            raise ValueError(f"masks do not match the model: missing {missing[:3]}, unknown {unknown[:3]}; "
-                             "pass strict=False to apply only the masks that match.")
+            raise ValueError(
+                f"masks do not match the model: missing {missing[:3]}, unknown {unknown[:3]}; "
+                "pass strict=False to apply only the masks that match."
+            )
     for name, mask in masks.items():
         if name not in modules:
             continue
         w = linear_weight(modules[name])
         if tuple(mask.shape) != tuple(w.shape):
-            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the weight (d_out, d_in) is "
-                             f"{tuple(w.shape)}.")
+            raise ValueError(
+                f"mask for {name!r} has shape {tuple(mask.shape)}, the weight (d_out, d_in) is {tuple(w.shape)}."
+            )
         w.mul_(mask.to(device=w.device, dtype=torch.bool).to(w.dtype))
     return sparsity_report(model, nm_pattern=nm_pattern)
 

@@ -30,11 +30,15 @@ def _check(model, method, sparsity, pattern, allocation, calibration_data, repai
     if nm is not None:
         implied = 1 - nm[0] / nm[1]
         if sparsity is not None and abs(sparsity - implied) > 1e-9:
-            raise ValueError(f"sparsity={sparsity} disagrees with pattern={pattern!r}, which means sparsity "
-                             f"{implied:g}; pass sparsity=None (or {implied:g}) with an N:M pattern.")
+            raise ValueError(
+                f"sparsity={sparsity} disagrees with pattern={pattern!r}, which means sparsity "
+                f"{implied:g}; pass sparsity=None (or {implied:g}) with an N:M pattern."
+            )
         if allocation != "uniform":
-            raise ValueError(f"allocation={allocation!r} varies sparsity per layer, which an N:M pattern fixes; "
-                             "use allocation='uniform' with a pattern.")
+            raise ValueError(
+                f"allocation={allocation!r} varies sparsity per layer, which an N:M pattern fixes; "
+                "use allocation='uniform' with a pattern."
+            )
         sparsity = implied
     if sparsity is None:
         raise ValueError("sparsity is required for unstructured pruning: a fraction in [0, 1), e.g. 0.5.")
@@ -47,16 +51,21 @@ def _check(model, method, sparsity, pattern, allocation, calibration_data, repai
         bad = {n: linear_weight(m).shape[1] for n, m in modules.items() if linear_weight(m).shape[1] % nm[1]}
         if bad:
             name, d_in = next(iter(bad.items()))
-            raise ValueError(f"pattern={pattern!r} needs every input dimension divisible by M={nm[1]}, but "
-                             f"{name} has d_in={d_in} ({len(bad)} such layers); pick an M that divides it.")
+            raise ValueError(
+                f"pattern={pattern!r} needs every input dimension divisible by M={nm[1]}, but "
+                f"{name} has d_in={d_in} ({len(bad)} such layers); pick an M that divides it."
+            )
     if isinstance(refit_iters, bool) or not isinstance(refit_iters, int) or refit_iters < 1:
-        raise ValueError(f"refit_iters={refit_iters!r} must be a positive int (conjugate-gradient iterations; "
-                         "30 is the default).")
+        raise ValueError(
+            f"refit_iters={refit_iters!r} must be a positive int (conjugate-gradient iterations; 30 is the default)."
+        )
     needs_data = method != "magnitude" or allocation == "owl" or repair or refit
     if needs_data and calibration_data is None:
-        raise ValueError(f"method={method!r} (allocation={allocation!r}, repair={repair}, refit={refit}) needs "
-                         "calibration_data: a (nsamples, seq_len) tensor of token ids, e.g. "
-                         "calibration_from_texts(tokenizer, texts).")
+        raise ValueError(
+            f"method={method!r} (allocation={allocation!r}, repair={repair}, refit={refit}) needs "
+            "calibration_data: a (nsamples, seq_len) tensor of token ids, e.g. "
+            "calibration_from_texts(tokenizer, texts)."
+        )
     return nm, float(sparsity)
 
 
@@ -66,21 +75,26 @@ def _owl_budgets(model, calibration_data, sparsity, threshold, lam, batch_size, 
     ratios, sizes, names = [], [], []
 
     def measure(index, modules, stats):
-        scores = [wanda_scores(linear_weight(m), stats[n].sq_sum.to(linear_weight(m).device))
-                  for n, m in modules.items()]
+        scores = [
+            wanda_scores(linear_weight(m), stats[n].sq_sum.to(linear_weight(m).device)) for n, m in modules.items()
+        ]
         ratios.append(outlier_ratio(scores, threshold))
         sizes.append(sum(linear_weight(m).numel() for m in modules.values()))
         names.append({n: linear_weight(m).numel() for n, m in modules.items()})
         return False
 
-    run_sequential(model, calibration_data, measure, batch_size=batch_size, device=device, progress=progress,
-                   desc="owl ratios")
+    run_sequential(
+        model, calibration_data, measure, batch_size=batch_size, device=device, progress=progress, desc="owl ratios"
+    )
     counts = block_budgets(owl_block_sparsities(ratios, sizes, sparsity, lam), sizes, sparsity)
     budgets = {}
     for block_count, numels in zip(counts, names):
         budgets.update(zip(numels, layer_budgets(block_count, list(numels.values()))))
-    outside = {n: prune_count(linear_weight(m).numel(), sparsity) for n, m in prunable_modules(model).items()
-               if n not in budgets}  # prunable layers outside the decoder blocks keep the uniform rate
+    outside = {
+        n: prune_count(linear_weight(m).numel(), sparsity)
+        for n, m in prunable_modules(model).items()
+        if n not in budgets
+    }  # prunable layers outside the decoder blocks keep the uniform rate
     return {**budgets, **outside}
 
 
@@ -145,8 +159,9 @@ def prune(
     nm, sparsity = _check(model, method, sparsity, pattern, allocation, calibration_data, repair, refit, refit_iters)
     check_objective(repair_objective)
     if allocation == "owl":
-        budgets = _owl_budgets(model, calibration_data, sparsity, owl_threshold, owl_lambda, batch_size, device,
-                               progress)
+        budgets = _owl_budgets(
+            model, calibration_data, sparsity, owl_threshold, owl_lambda, batch_size, device, progress
+        )
     else:
         budgets = {n: prune_count(linear_weight(m).numel(), sparsity) for n, m in prunable_modules(model).items()}
 
@@ -173,11 +188,23 @@ def prune(
         if id(stats) not in factors:
             factors.clear()  # siblings come one after another: only the current input's factor is needed
             factors[id(stats)] = (stats, hessian_factor(stats.hessian.to(stacked.device), percdamp))
-        new = sparsegpt_prune(stacked, stats.hessian, [budgets[n] for n in group], nm, blocksize, percdamp,
-                              rows=rows, factor=factors[id(stats)][1])
+        new = sparsegpt_prune(
+            stacked,
+            stats.hessian,
+            [budgets[n] for n in group],
+            nm,
+            blocksize,
+            percdamp,
+            rows=rows,
+            factor=factors[id(stats)][1],
+        )
         if repair:
-            new = torch.cat([dsnot_layer(w.detach().float(), part, stats, nm, repair_cycles,
-                                         objective=repair_objective) for w, part in zip(ws, new.split(rows))])
+            new = torch.cat(
+                [
+                    dsnot_layer(w.detach().float(), part, stats, nm, repair_cycles, objective=repair_objective)
+                    for w, part in zip(ws, new.split(rows))
+                ]
+            )
         if refit:  # rows are independent: the stacked layers refit together, one matmul per iteration
             new = refit_layer(stacked, new, stats.hessian, percdamp, refit_iters)
         for w, part in zip(ws, new.split(rows)):
@@ -189,11 +216,16 @@ def prune(
         return sparsity_report(model, nm_pattern=pattern)
 
     decoder_layers(model)  # clear error before any work when the blocks cannot be found
-    outside = [n for n in prunable_modules(model) if n not in set().union(
-        *(block_modules(model, b) for b in decoder_layers(model)))]
+    outside = [
+        n
+        for n in prunable_modules(model)
+        if n not in set().union(*(block_modules(model, b) for b in decoder_layers(model)))
+    ]
     if outside:
-        raise ValueError(f"{outside[:3]} are prunable but outside the decoder blocks, which sequential "
-                         "calibration cannot reach; prune them separately (e.g. method='magnitude').")
+        raise ValueError(
+            f"{outside[:3]} are prunable but outside the decoder blocks, which sequential "
+            "calibration cannot reach; prune them separately (e.g. method='magnitude')."
+        )
 
     def process(index, modules, stats):
         if method != "sparsegpt":
@@ -206,7 +238,16 @@ def prune(
         for names in groups.values():
             prune_group({n: modules[n] for n in names}, stats[names[0]])
 
-    run_sequential(model, calibration_data, process, want_hessian=method == "sparsegpt" or refit or
-                   (repair and repair_objective == "mse"), want_sum=repair, per_layer=true_sequential,
-                   batch_size=batch_size, device=device, progress=progress, desc=method)
+    run_sequential(
+        model,
+        calibration_data,
+        process,
+        want_hessian=method == "sparsegpt" or refit or (repair and repair_objective == "mse"),
+        want_sum=repair,
+        per_layer=true_sequential,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc=method,
+    )
     return sparsity_report(model, nm_pattern=pattern)

@@ -32,8 +32,14 @@ def _damped(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def refit_layer(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01,
-                max_iters: int = 30, tol: float = 1e-6) -> torch.Tensor:
+def refit_layer(
+    dense: torch.Tensor,
+    pruned: torch.Tensor,
+    hessian: torch.Tensor,
+    percdamp: float = 0.01,
+    max_iters: int = 30,
+    tol: float = 1e-6,
+) -> torch.Tensor:
     """Return ``pruned`` (fp32, ``(d_out, d_in)``) with its non-zeros refit by least squares; inputs unchanged.
 
     Args:

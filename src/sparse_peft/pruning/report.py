@@ -73,7 +73,9 @@ class SparsityReport:
             shape = f"{m.shape[0]}x{m.shape[1]}"
             lines.append(f"{m.name:<{width}}  {shape:>13}  {m.sparsity:>8.2%}{nm}")
         nm = f"  {('yes' if self.nm_valid else 'NO'):>8}" if self.nm_pattern else ""
-        lines.append(f"{'overall (' + str(len(self.modules)) + ' modules)':<{width}}  {self.numel:>13,}  {self.sparsity:>8.2%}{nm}")
+        lines.append(
+            f"{'overall (' + str(len(self.modules)) + ' modules)':<{width}}  {self.numel:>13,}  {self.sparsity:>8.2%}{nm}"
+        )
         return "\n".join(lines)
 
 

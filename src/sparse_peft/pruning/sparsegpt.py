@@ -19,6 +19,7 @@ import torch
 
 from .criteria import split_evenly
 
+
 def _inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U = (H + damp I)^-1``), ``damp = percdamp * mean(diag H)``.
 
@@ -35,8 +36,10 @@ def _inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Ten
         if int(info) == 0:
             return torch.linalg.solve_triangular(chol.flip(0, 1), eye, upper=True)  # (d_in, d_in), upper
         damp = damp * 10
-    raise RuntimeError("SparseGPT: the calibration Hessian is not positive definite even with heavy damping; "
-                       "use more calibration samples or a larger percdamp.")
+    raise RuntimeError(
+        "SparseGPT: the calibration Hessian is not positive definite even with heavy damping; "
+        "use more calibration samples or a larger percdamp."
+    )
 
 
 def hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,8 +107,10 @@ class SparsityCallback(TrainerCallback):
         stats = self.check(model)
         bad = stats["sparsity/excess_nnz"] > 0 or (stats["sparsity/revived"] > 0 and not self.allow_moves)
         if bad:
-            msg = (f"step {state.global_step}: fine-tuning broke the base's sparsity ({stats['sparsity/revived']} "
-                   f"pruned weights came back, {stats['sparsity/excess_nnz']} non-zeros beyond the base's count)")
+            msg = (
+                f"step {state.global_step}: fine-tuning broke the base's sparsity ({stats['sparsity/revived']} "
+                f"pruned weights came back, {stats['sparsity/excess_nnz']} non-zeros beyond the base's count)"
+            )
             if self.raise_on_violation:
                 raise RuntimeError(msg)
             warnings.warn(msg)

@@ -20,8 +20,12 @@ import torch.nn as nn
 from trl import SFTTrainer
 
 
-def squarehead_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
-                    attention_mask: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
+def squarehead_loss(
+    student_hidden: Sequence[torch.Tensor],
+    teacher_hidden: Sequence[torch.Tensor],
+    attention_mask: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """Mean over layers of ``‖h_s − h_t‖² / ‖h_t‖²``.
 
     Args:
@@ -29,8 +33,10 @@ def squarehead_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequ
         attention_mask: ``(B, T)``; zeros mark padding that does not count.
     """
     if len(student_hidden) != len(teacher_hidden):
-        raise ValueError(f"student has {len(student_hidden)} hidden states, teacher {len(teacher_hidden)}: "
-                         "distillation needs the same architecture (the dense model the student was pruned from).")
+        raise ValueError(
+            f"student has {len(student_hidden)} hidden states, teacher {len(teacher_hidden)}: "
+            "distillation needs the same architecture (the dense model the student was pruned from)."
+        )
     w = None if attention_mask is None else attention_mask.unsqueeze(-1).float()  # (B, T, 1)
     losses = []
     for s, t in zip(student_hidden, teacher_hidden):

@@ -111,7 +111,9 @@ class S2FTConfig(SparseTunerConfig):
                 "least one of them > 0 (e.g. channels_ratio=0.02)."
             )
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"S2FTConfig.strategy must be one of {', '.join(map(repr, STRATEGIES))}; got {self.strategy!r}.")
+            raise ValueError(
+                f"S2FTConfig.strategy must be one of {', '.join(map(repr, STRATEGIES))}; got {self.strategy!r}."
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"S2FTConfig.seed must be an integer, got {self.seed!r}.")
         if self.selection is not None:
@@ -122,18 +124,24 @@ def _validate_selection(selection) -> dict[str, dict[str, list[int]]]:
     """Check the JSON shape of ``S2FTConfig.selection`` and normalise it to sorted unique int lists."""
     hint = "write it like {'model.layers.0': {'heads': [1], 'channels': [4, 9]}}"
     if not isinstance(selection, dict):
-        raise ValueError(f"S2FTConfig.selection must be a dict of block name -> dict; {hint}. Got {type(selection).__name__}.")
+        raise ValueError(
+            f"S2FTConfig.selection must be a dict of block name -> dict; {hint}. Got {type(selection).__name__}."
+        )
     out = {}
     for block, entry in selection.items():
         if not isinstance(block, str) or not isinstance(entry, dict) or set(entry) - {"heads", "channels"}:
-            raise ValueError(f"S2FTConfig.selection[{block!r}] must be a dict with keys 'heads' and/or 'channels'; {hint}.")
+            raise ValueError(
+                f"S2FTConfig.selection[{block!r}] must be a dict with keys 'heads' and/or 'channels'; {hint}."
+            )
         clean = {}
         for key in ("heads", "channels"):
             values = entry.get(key, [])
             if not isinstance(values, (list, tuple)) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
             ):
-                raise ValueError(f"S2FTConfig.selection[{block!r}][{key!r}] must be a list of non-negative ints; got {values!r}.")
+                raise ValueError(
+                    f"S2FTConfig.selection[{block!r}][{key!r}] must be a list of non-negative ints; got {values!r}."
+                )
             clean[key] = sorted(set(int(v) for v in values))
         out[block] = clean
     return out

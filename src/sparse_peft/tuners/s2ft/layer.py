@@ -27,7 +27,9 @@ from ..._registry import BufferDict
 from ...masks import pack_mask, unpack_mask, zero_fingerprint
 
 SUPPORTED_LAYERS = LINEAR_TYPES
-partial_weight_grad = _ops.partial_weight_grad if hasattr(_ops, "partial_weight_grad") else _ops.reference.partial_weight_grad
+partial_weight_grad = (
+    _ops.partial_weight_grad if hasattr(_ops, "partial_weight_grad") else _ops.reference.partial_weight_grad
+)
 
 
 def _effective_delta(delta: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -122,8 +124,15 @@ class S2FTLayer(BaseTunerLayer):
         """The base weight in ``nn.Linear`` layout ``(d_out, d_in)`` (a transposed view for Conv1D)."""
         return linear_weight(self.get_base_layer())
 
-    def update_layer(self, adapter_name: str, axis: str, index: torch.Tensor, init_weights: bool = True,
-                     preserve_sparsity: bool = True, **kwargs: Any) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        axis: str,
+        index: torch.Tensor,
+        init_weights: bool = True,
+        preserve_sparsity: bool = True,
+        **kwargs: Any,
+    ) -> None:
         if axis not in ("rows", "cols"):
             raise ValueError(f"S2FT axis must be 'rows' or 'cols', got {axis!r}")
         weight = self._linear_weight().detach()
@@ -139,7 +148,9 @@ class S2FTLayer(BaseTunerLayer):
         self.s2ft_delta[adapter_name] = nn.Parameter(delta)
         if preserve_sparsity and weight.device.type != "meta":
             keep = weight.index_select(dim, index) != 0  # (d_out, k) or (k, d_in)
-            packed = pack_mask(keep) if not bool(keep.all()) else torch.zeros(0, dtype=torch.uint8, device=weight.device)
+            packed = (
+                pack_mask(keep) if not bool(keep.all()) else torch.zeros(0, dtype=torch.uint8, device=weight.device)
+            )
             self.s2ft_mask[adapter_name] = packed
             self.s2ft_fingerprint[adapter_name] = zero_fingerprint(weight).to(weight.device)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -181,8 +192,16 @@ class S2FTLayer(BaseTunerLayer):
 class Linear(nn.Module, S2FTLayer):
     """S²FT around an ``nn.Linear`` or a transformers ``Conv1D``."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, axis: str, index: torch.Tensor,
-                 init_weights: bool = True, preserve_sparsity: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        axis: str,
+        index: torch.Tensor,
+        init_weights: bool = True,
+        preserve_sparsity: bool = True,
+        **kwargs,
+    ) -> None:
         super().__init__()
         S2FTLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
@@ -227,8 +246,9 @@ class Linear(nn.Module, S2FTLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         specs = tuple((self.s2ft_axis[a], self.s2ft_index[a], self.slice_mask(a)) for a in active)
-        return S2FTLinearFn.apply(x, self._linear_weight(), self.get_base_layer().bias, specs,
-                                  *(self.s2ft_delta[a] for a in active))
+        return S2FTLinearFn.apply(
+            x, self._linear_weight(), self.get_base_layer().bias, specs, *(self.s2ft_delta[a] for a in active)
+        )
 
     def __repr__(self) -> str:
         return "s2ft." + super().__repr__()

@@ -81,8 +81,9 @@ class S2FTModel(BaseTuner):
         axis, index = slice_indices(current_key, base, entry, self._s2ft_geometries.get(block))
         if index.numel() == 0:  # e.g. heads_ratio=0 with o_proj targeted: nothing to train here
             return
-        layer_kwargs = dict(axis=axis, index=index, init_weights=config.init_weights,
-                            preserve_sparsity=config.preserve_sparsity)
+        layer_kwargs = dict(
+            axis=axis, index=index, init_weights=config.init_weights, preserve_sparsity=config.preserve_sparsity
+        )
         if isinstance(target, Linear):
             target.update_layer(adapter_name, **layer_kwargs)
             return
@@ -175,7 +176,9 @@ def s2ft_fuse_adapters(model: nn.Module, adapter_names: Sequence[str], new_name:
     targets: set = set()
     for c in cfgs:
         if isinstance(c.target_modules, str):
-            raise ValueError("s2ft_fuse_adapters needs target_modules lists, not a regex; got " + repr(c.target_modules))
+            raise ValueError(
+                "s2ft_fuse_adapters needs target_modules lists, not a regex; got " + repr(c.target_modules)
+            )
         targets |= set(c.target_modules)
     fused.target_modules = targets
     selection: dict[str, dict[str, list[int]]] = {}

@@ -121,7 +121,9 @@ def geometry(model: nn.Module, anchor_name: str, anchor: nn.Module) -> Geometry:
         )
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     if heads % kv:
-        raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}; S2FT cannot map heads to kv heads.")
+        raise ValueError(
+            f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}; S2FT cannot map heads to kv heads."
+        )
     d_in = linear_shape(anchor)[1]
     if d_in % heads:
         raise ValueError(f"{anchor_name}: {d_in} input features do not split into num_attention_heads={heads} heads.")
@@ -143,7 +145,9 @@ def _head_span(heads: Iterable[int], head_dim: int, offset: int = 0) -> list[int
     return [offset + h * head_dim + i for h in heads for i in range(head_dim)]
 
 
-def slice_indices(name: str, module: nn.Module, entry: Mapping[str, list[int]], geo: Optional[Geometry]) -> tuple[str, torch.Tensor]:
+def slice_indices(
+    name: str, module: nn.Module, entry: Mapping[str, list[int]], geo: Optional[Geometry]
+) -> tuple[str, torch.Tensor]:
     """``(axis, sorted int64 indices)`` that ``entry`` (one block's selection) trains in module ``name``."""
     role = module_role(name)
     if role is None:
@@ -221,10 +225,12 @@ def _activation_scores(model, anchors, batches) -> dict[tuple[str, str], torch.T
     hooks = []
     for block, pair in anchors.items():
         for unit, (_, module) in pair.items():
+
             def hook(mod, args, key=(block, unit)):
                 x = args[0].detach().float()
                 s = x.reshape(-1, x.shape[-1]).pow(2).sum(0)  # (d_in,)
                 sums[key] = s if key not in sums else sums[key] + s
+
             hooks.append(module.register_forward_pre_hook(hook))
     try:
         for batch in batches:
@@ -250,8 +256,10 @@ def _gradient_scores(model, anchors, batches, with_weight: bool) -> dict[tuple[s
             out = model(**batch)
             loss = getattr(out, "loss", None)
             if loss is None:
-                raise ValueError("S2FT strategies 'sensitivity' and 'gradient' need a calibration batch with labels "
-                                 "(the model returned no loss); pass e.g. {'input_ids': ids, 'labels': ids}.")
+                raise ValueError(
+                    "S2FT strategies 'sensitivity' and 'gradient' need a calibration batch with labels "
+                    "(the model returned no loss); pass e.g. {'input_ids': ids, 'labels': ids}."
+                )
             loss.backward()
             for key, module in params:
                 grad = module.weight.grad.t() if isinstance(module, Conv1D) else module.weight.grad  # (d_out, d_in)
@@ -269,8 +277,11 @@ def _gradient_scores(model, anchors, batches, with_weight: bool) -> dict[tuple[s
 
 def _column_scores(model, anchors, strategy, batches) -> dict[tuple[str, str], torch.Tensor]:
     if strategy == "weight":
-        return {(b, u): linear_weight(m).detach().float().pow(2).sum(0) for b, pair in anchors.items()
-                for u, (_, m) in pair.items()}
+        return {
+            (b, u): linear_weight(m).detach().float().pow(2).sum(0)
+            for b, pair in anchors.items()
+            for u, (_, m) in pair.items()
+        }
     if strategy == "activation":
         return _activation_scores(model, anchors, batches)
     return _gradient_scores(model, anchors, batches, with_weight=strategy == "sensitivity")
@@ -315,7 +326,9 @@ def plan(model: nn.Module, config: S2FTConfig, calibration: Union[Batch, Iterabl
     return selection
 
 
-def s2ft_select(model: nn.Module, config: S2FTConfig, calibration: Union[Batch, Iterable[Batch], None] = None) -> S2FTConfig:
+def s2ft_select(
+    model: nn.Module, config: S2FTConfig, calibration: Union[Batch, Iterable[Batch], None] = None
+) -> S2FTConfig:
     """Run ``config.strategy`` on ``model`` and return a copy of ``config`` with ``selection`` filled in.
 
     Args:

@@ -31,7 +31,9 @@ class SparseLoraConfig(SparseTunerConfig):
         ```
     """
 
-    r: int = field(default=8, metadata={"help": "LoRA rank r; the adapter of a d_out x d_in layer has r*(d_in+d_out) values."})
+    r: int = field(
+        default=8, metadata={"help": "LoRA rank r; the adapter of a d_out x d_in layer has r*(d_in+d_out) values."}
+    )
     lora_alpha: float = field(default=8, metadata={"help": "Scale numerator: the update is scaled by lora_alpha / r."})
     lora_dropout: float = field(
         default=0.0,
@@ -88,9 +90,7 @@ class SparseLoraConfig(SparseTunerConfig):
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"SparseLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.mask_type not in ("base", "nm", "custom"):
-            raise ValueError(
-                f"SparseLoraConfig.mask_type must be 'base', 'nm' or 'custom', got {self.mask_type!r}."
-            )
+            raise ValueError(f"SparseLoraConfig.mask_type must be 'base', 'nm' or 'custom', got {self.mask_type!r}.")
         if self.mask_type == "nm" and self.nm_pattern is None:
             raise ValueError("SparseLoraConfig.mask_type='nm' needs nm_pattern, e.g. nm_pattern='2:4'.")
         parse_nm(self.nm_pattern, field="SparseLoraConfig.nm_pattern")

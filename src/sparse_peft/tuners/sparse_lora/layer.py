@@ -78,12 +78,16 @@ def _dequantize(base: nn.Module, kind: str, module_name: str = "") -> torch.Tens
     if kind == "4bit":
         check_not_repacked(base, module_name)
         if getattr(w, "quant_state", None) is None:
-            raise RuntimeError(f"the Linear4bit {module_name!r} is not quantized yet; move it to a device first "
-                               "(module.to('cpu') or .cuda()) so bitsandbytes quantizes it.")
+            raise RuntimeError(
+                f"the Linear4bit {module_name!r} is not quantized yet; move it to a device first "
+                "(module.to('cpu') or .cuda()) so bitsandbytes quantizes it."
+            )
         return bnb.functional.dequantize_4bit(w.data, w.quant_state)  # (d_out, d_in), quant_state.dtype
     if w.dtype != torch.int8:
-        raise TypeError(f"the Linear8bitLt {module_name!r} holds a {w.dtype} weight (has_fp16_weights=True or not "
-                        "quantized yet); SparseLoRA supports int8-quantized Linear8bitLt only.")
+        raise TypeError(
+            f"the Linear8bitLt {module_name!r} holds a {w.dtype} weight (has_fp16_weights=True or not "
+            "quantized yet); SparseLoRA supports int8-quantized Linear8bitLt only."
+        )
     scb = w.SCB if getattr(w, "SCB", None) is not None else base.state.SCB  # bnb moves SCB to state on forward
     return bnb.functional.int8_vectorwise_dequant(w.data, scb)  # (d_out, d_in) fp32
 
@@ -96,13 +100,22 @@ def _requantize(base: nn.Module, kind: str, dense: torch.Tensor) -> None:
     if kind == "4bit":
         qs = old.quant_state
         data, state = bnb.functional.quantize_4bit(
-            dense.to(qs.dtype).contiguous(), blocksize=old.blocksize, compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type, quant_storage=old.quant_storage,
+            dense.to(qs.dtype).contiguous(),
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
         )
         base.weight = bnb.nn.Params4bit(
-            data, requires_grad=False, quant_state=state, blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
-            module=base, bnb_quantized=True,
+            data,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=base,
+            bnb_quantized=True,
         )
         base.quant_state = state
         return
@@ -115,8 +128,9 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _masks_as(packed_masks: Sequence[torch.Tensor], shape: tuple[int, int],
-              ab: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _masks_as(
+    packed_masks: Sequence[torch.Tensor], shape: tuple[int, int], ab: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
     """Each adapter's M as 0/1 values in its compute dtype, ``(d_out, d_in)``; masks shared by adapters are unpacked
     once."""
     out, seen = [], {}
@@ -160,8 +174,9 @@ def _masked_delta(
 WeightArg = Union[torch.Tensor, Callable[[], torch.Tensor], None]
 
 
-def _effective_weight(weight: Optional[torch.Tensor], prods: Sequence[torch.Tensor], scalings: Sequence[float],
-                      dtype: torch.dtype) -> torch.Tensor:
+def _effective_weight(
+    weight: Optional[torch.Tensor], prods: Sequence[torch.Tensor], scalings: Sequence[float], dtype: torch.dtype
+) -> torch.Tensor:
     """``W + Σ_a s_a prods_a`` (``weight`` None: no base), ``(d_out, d_in)`` in ``dtype``.
 
     When the base and the products share a dtype (fp32 training) this is one fused pass per adapter.
@@ -248,8 +263,15 @@ class SparseLoraLayer(BaseTunerLayer):
     """Adapter state of SparseLoRA, shared by the layer classes."""
 
     adapter_layer_names = ("sparse_lora_A", "sparse_lora_B")
-    other_param_names = ("sparse_lora_mask", "sparse_lora_fingerprint", "sparse_lora_dropout", "r", "lora_alpha", "scaling",
-                         "exact_gradient")
+    other_param_names = (
+        "sparse_lora_mask",
+        "sparse_lora_fingerprint",
+        "sparse_lora_dropout",
+        "r",
+        "lora_alpha",
+        "scaling",
+        "exact_gradient",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -278,8 +300,10 @@ class SparseLoraLayer(BaseTunerLayer):
         elif isinstance(base, nn.Linear):
             d_out, d_in = base.weight.shape
         else:  # guarded by the model, kept for direct use
-            raise TypeError(f"SparseLoRA supports nn.Linear, transformers Conv1D and bitsandbytes Linear4bit / "
-                            f"Linear8bitLt, got {type(base).__name__}.")
+            raise TypeError(
+                f"SparseLoRA supports nn.Linear, transformers Conv1D and bitsandbytes Linear4bit / "
+                f"Linear8bitLt, got {type(base).__name__}."
+            )
         self.in_features, self.out_features = d_in, d_out
 
     # ---- weight views ---------------------------------------------------------------------------------------
@@ -307,13 +331,24 @@ class SparseLoraLayer(BaseTunerLayer):
         return (self.out_features, self.in_features)
 
     # ---- adapter creation -----------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, init_weights: bool,
-                     mask_type: str = "base", nm_pattern: Optional[str] = None, exact_gradient: bool = True,
-                     **kwargs: Any) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_weights: bool,
+        mask_type: str = "base",
+        nm_pattern: Optional[str] = None,
+        exact_gradient: bool = True,
+        **kwargs: Any,
+    ) -> None:
         d_out, d_in = self.weight_shape
         if r > min(d_in, d_out):
-            warnings.warn(f"SparseLoRA r={r} exceeds min(d_in, d_out)={min(d_in, d_out)} of a layer; the update "
-                          "cannot have higher rank than that.")
+            warnings.warn(
+                f"SparseLoRA r={r} exceeds min(d_in, d_out)={min(d_in, d_out)} of a layer; the update "
+                "cannot have higher rank than that."
+            )
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
@@ -321,7 +356,9 @@ class SparseLoraLayer(BaseTunerLayer):
         self.sparse_lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         weight = self._linear_weight().detach()
         self.sparse_lora_A[adapter_name] = nn.Parameter(torch.empty(r, d_in, device=weight.device, dtype=torch.float32))
-        self.sparse_lora_B[adapter_name] = nn.Parameter(torch.empty(d_out, r, device=weight.device, dtype=torch.float32))
+        self.sparse_lora_B[adapter_name] = nn.Parameter(
+            torch.empty(d_out, r, device=weight.device, dtype=torch.float32)
+        )
         self.reset_parameters(adapter_name, init_weights)
         if weight.device.type == "meta":
             mask = torch.ones(self.weight_shape, dtype=torch.bool, device="meta")
@@ -363,7 +400,9 @@ class SparseLoraLayer(BaseTunerLayer):
                 f"{self.weight_shape}; pass masks in nn.Linear layout (transpose masks of Conv1D weights)."
             )
         if self.merged:
-            raise RuntimeError(f"cannot change the mask{where} while adapters are merged; call unmerge_adapter() first.")
+            raise RuntimeError(
+                f"cannot change the mask{where} while adapters are merged; call unmerge_adapter() first."
+            )
         device = self.sparse_lora_mask[adapter_name].device
         self.sparse_lora_mask[adapter_name] = pack_mask(mask.to(device=device).bool())
 
@@ -374,7 +413,9 @@ class SparseLoraLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s · M ⊙ (B A)`` in fp32, ``(d_out, d_in)``."""
         return _masked_delta(
-            [self.sparse_lora_mask[adapter_name]], self.weight_shape, [self.scaling[adapter_name]],
+            [self.sparse_lora_mask[adapter_name]],
+            self.weight_shape,
+            [self.scaling[adapter_name]],
             [self.sparse_lora_A[adapter_name], self.sparse_lora_B[adapter_name]],
         )
 
@@ -382,14 +423,25 @@ class SparseLoraLayer(BaseTunerLayer):
 class Linear(nn.Module, SparseLoraLayer):
     """SparseLoRA around an ``nn.Linear`` or a transformers ``Conv1D``."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
-                 lora_dropout: float = 0.0, init_weights: bool = True, mask_type: str = "base",
-                 nm_pattern: Optional[str] = None, exact_gradient: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        init_weights: bool = True,
+        mask_type: str = "base",
+        nm_pattern: Optional[str] = None,
+        exact_gradient: bool = True,
+        **kwargs,
+    ) -> None:
         super().__init__()
         SparseLoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_weights, mask_type, nm_pattern,
-                          exact_gradient)
+        self.update_layer(
+            adapter_name, r, lora_alpha, lora_dropout, init_weights, mask_type, nm_pattern, exact_gradient
+        )
 
     def _write_delta(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
         if self.quant_kind is not None:
@@ -416,8 +468,10 @@ class Linear(nn.Module, SparseLoraLayer):
         absmax. Zeros stay exactly zero: 0 maps to the exact zero code of NF4, FP4 and int8.
         """
         if self.quant_kind == "4bit":
-            warnings.warn("Merging SparseLoRA into a 4-bit base re-quantizes the weight: non-zero values change by "
-                          "rounding error (zeros stay exactly zero).")
+            warnings.warn(
+                "Merging SparseLoRA into a 4-bit base re-quantizes the weight: non-zero values change by "
+                "rounding error (zeros stay exactly zero)."
+            )
         w = self._linear_weight()  # (d_out, d_in) dequantized, fresh
         delta = self.get_delta_weight(adapter_name)  # (d_out, d_in) fp32, exactly 0 outside M
         new = (w.float() + sign * delta).to(w.dtype)
@@ -479,8 +533,13 @@ class Linear(nn.Module, SparseLoraLayer):
         ab = []
         for a in adapters:
             ab += [self.sparse_lora_A[a], self.sparse_lora_B[a]]
-        return [tuple(self.sparse_lora_mask[a] for a in adapters), self.weight_shape,
-                tuple(self.scaling[a] for a in adapters), tuple(self.exact_gradient[a] for a in adapters), *ab]
+        return [
+            tuple(self.sparse_lora_mask[a] for a in adapters),
+            self.weight_shape,
+            tuple(self.scaling[a] for a in adapters),
+            tuple(self.exact_gradient[a] for a in adapters),
+            *ab,
+        ]
 
     def __repr__(self) -> str:
         return "sparse_lora." + super().__repr__()

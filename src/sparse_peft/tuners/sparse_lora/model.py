@@ -56,8 +56,12 @@ class SparseLoraModel(BaseTuner):
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         layer_kwargs = dict(
-            r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            init_weights=config.init_weights, mask_type=config.mask_type, nm_pattern=config.nm_pattern,
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            init_weights=config.init_weights,
+            mask_type=config.mask_type,
+            nm_pattern=config.nm_pattern,
             exact_gradient=config.exact_gradient,
         )
         if isinstance(target, Linear):

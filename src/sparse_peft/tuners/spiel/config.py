@@ -79,9 +79,7 @@ class SpielConfig(SparseTunerConfig):
             "the optimizer's beta2; needs an Adam-family optimizer), no dense gradient at all."
         },
     )
-    reselection_steps: int = field(
-        default=20, metadata={"help": "Run drop-and-grow every this many optimizer steps."}
-    )
+    reselection_steps: int = field(default=20, metadata={"help": "Run drop-and-grow every this many optimizer steps."})
     accumulation_steps: int = field(
         default=5,
         metadata={
@@ -124,8 +122,10 @@ class SpielConfig(SparseTunerConfig):
     )
     values_dtype: str = field(
         default="float32",
-        metadata={"help": "dtype of the trainable values, whatever the base dtype: 'float32' (default), "
-                  "'float64', 'bfloat16' or 'float16'."},
+        metadata={
+            "help": "dtype of the trainable values, whatever the base dtype: 'float32' (default), "
+            "'float64', 'bfloat16' or 'float16'."
+        },
     )
     auto_reselection: bool = field(
         default=True,
@@ -147,7 +147,9 @@ class SpielConfig(SparseTunerConfig):
             raise ValueError(f"SpielConfig.values_dtype must be one of {VALUES_DTYPES}, got {self.values_dtype!r}.")
         parse_nm(self.nm_pattern, field="SpielConfig.nm_pattern")
         if self.preserve_sparsity not in (None, True, False):
-            raise ValueError(f"SpielConfig.preserve_sparsity must be None, True or False, got {self.preserve_sparsity!r}.")
+            raise ValueError(
+                f"SpielConfig.preserve_sparsity must be None, True or False, got {self.preserve_sparsity!r}."
+            )
 
     def _check_budget(self) -> None:
         given = [n for n in ("r", "density", "num_deltas") if getattr(self, n) is not None]

@@ -91,8 +91,16 @@ class SpielLayer(BaseTunerLayer):
 
     adapter_layer_names = ("spiel_values",)
     other_param_names = (
-        "spiel_indices", "spiel_partners", "spiel_fingerprint", "spiel_k", "spiel_group", "spiel_selection",
-        "_spiel_collect", "_spiel_ag", "_spiel_ma", "_spiel_ma_step",
+        "spiel_indices",
+        "spiel_partners",
+        "spiel_fingerprint",
+        "spiel_k",
+        "spiel_group",
+        "spiel_selection",
+        "_spiel_collect",
+        "_spiel_ag",
+        "_spiel_ma",
+        "_spiel_ma_step",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -147,9 +155,17 @@ class SpielLayer(BaseTunerLayer):
         return adapter in self.spiel_partners
 
     # ---- adapter creation ----------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, k: int, init_weights: bool, preserve_sparsity: bool = False,
-                     nm_pattern: Optional[str] = None, values_dtype: str = "float32", selection: str = "ag",
-                     **kwargs: Any) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        k: int,
+        init_weights: bool,
+        preserve_sparsity: bool = False,
+        nm_pattern: Optional[str] = None,
+        values_dtype: str = "float32",
+        selection: str = "ag",
+        **kwargs: Any,
+    ) -> None:
         d_out, d_in = self.weight_shape
         numel = d_out * d_in
         weight = self._linear_weight().detach()  # (d_out, d_in)
@@ -190,8 +206,10 @@ class SpielLayer(BaseTunerLayer):
         if nm_pattern is not None:
             _, m = parse_nm(nm_pattern, field="SpielConfig.nm_pattern")
             if d_in % m:
-                raise ValueError(f"SpielConfig.nm_pattern={nm_pattern!r} needs d_in divisible by {m}; a target has "
-                                 f"d_in={d_in}. Exclude it with exclude_modules.")
+                raise ValueError(
+                    f"SpielConfig.nm_pattern={nm_pattern!r} needs d_in divisible by {m}; a target has "
+                    f"d_in={d_in}. Exclude it with exclude_modules."
+                )
             group = m
         else:
             group = detect_group_size(weight)
@@ -205,8 +223,9 @@ class SpielLayer(BaseTunerLayer):
         self.spiel_fingerprint[adapter_name] = zero_fingerprint(weight).to(device)
 
     # ---- the effective weight ----------------------------------------------------------------------------------
-    def _build_weight(self, adapters: Sequence[str], values: Sequence[torch.Tensor],
-                      kills: Optional[list[torch.Tensor]] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _build_weight(
+        self, adapters: Sequence[str], values: Sequence[torch.Tensor], kills: Optional[list[torch.Tensor]] = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``W`` plus every adapter's delta (and SEFT kills), in the weight's storage layout. Out of place.
 
         With ``kills=None`` the SEFT kill positions are computed (and returned); otherwise the given ones are used.
@@ -219,8 +238,14 @@ class SpielLayer(BaseTunerLayer):
             out.append(self._apply_adapter(flat, a, values[i], given))
         return flat.view(w.shape), out
 
-    def _apply_adapter(self, flat: torch.Tensor, adapter: str, values: torch.Tensor,
-                       kill: Optional[torch.Tensor] = None, saved: Optional[list] = None) -> torch.Tensor:
+    def _apply_adapter(
+        self,
+        flat: torch.Tensor,
+        adapter: str,
+        values: torch.Tensor,
+        kill: Optional[torch.Tensor] = None,
+        saved: Optional[list] = None,
+    ) -> torch.Tensor:
         """``flat[idx] += values`` in place, then zero the SEFT kills; returns the kills (storage layout).
 
         ``saved`` (a list) receives the values at the kill positions before they were zeroed (for unmerge). Kills
@@ -305,7 +330,7 @@ class SpielLayer(BaseTunerLayer):
                 gv = _gather_weight_grad(grad_out, x, idx)  # (k,) fp32 SDDMM
             if self.spiel_selection.get(a) == "ma":
                 self._accumulate_ma(a, grad_out, x)
-            later = [kl for kl in kills[i + 1:] if kl.numel()]
+            later = [kl for kl in kills[i + 1 :] if kl.numel()]
             if later:  # a later adapter pruned some of this adapter's positions: no gradient there
                 gv = gv.masked_fill(torch.isin(self._to_storage(idx.long()), torch.cat(later)), 0.0)
             grads.append(gv.to(values[i].dtype))
@@ -405,9 +430,18 @@ class SpielLayer(BaseTunerLayer):
 class Linear(nn.Module, SpielLayer):
     """SpIEL around an ``nn.Linear`` or a transformers ``Conv1D``."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, k: int, init_weights: bool = True,
-                 preserve_sparsity: bool = False, nm_pattern: Optional[str] = None, values_dtype: str = "float32",
-                 selection: str = "ag", **kwargs) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        k: int,
+        init_weights: bool = True,
+        preserve_sparsity: bool = False,
+        nm_pattern: Optional[str] = None,
+        values_dtype: str = "float32",
+        selection: str = "ag",
+        **kwargs,
+    ) -> None:
         super().__init__()
         SpielLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name

@@ -123,8 +123,10 @@ def reset_optimizer_slots(optimizer, param: nn.Parameter, slots: torch.Tensor) -
             t[slots.to(t.device)] = 0
         elif torch.is_tensor(t) and t.dim() > 0 and (type(opt), key) not in _WARNED_STATE:
             _WARNED_STATE.add((type(opt), key))
-            warnings.warn(f"SpIEL cannot reset optimizer state {key!r} of {type(opt).__name__} (shape "
-                          f"{tuple(t.shape)} != values {tuple(param.shape)}); regrown slots keep stale state.")
+            warnings.warn(
+                f"SpIEL cannot reset optimizer state {key!r} of {type(opt).__name__} (shape "
+                f"{tuple(t.shape)} != values {tuple(param.shape)}); regrown slots keep stale state."
+            )
 
 
 class SpielModel(BaseTuner):
@@ -184,7 +186,10 @@ class SpielModel(BaseTuner):
                 logger.warning(
                     "SpIEL adapter %r: the base is sparse (up to %.0f%% zeros in a target), so preserve_sparsity=True "
                     "(SEFT mode): merged weights keep exactly the base's number of non-zeros per module (and its N:M "
-                    "pattern). Pass preserve_sparsity=False to turn this off.", adapter_name, 100 * max(fractions))
+                    "pattern). Pass preserve_sparsity=False to turn this off.",
+                    adapter_name,
+                    100 * max(fractions),
+                )
         resolved[adapter_name] = numel
 
     def _budget(self, config, adapter_name: str, d_out: int, d_in: int) -> int:
@@ -203,11 +208,14 @@ class SpielModel(BaseTuner):
                 f"SpIEL cannot adapt module {current_key!r} of type {type(base).__name__}: only torch.nn.Linear and "
                 "transformers' Conv1D are supported. Remove it from target_modules (or add it to exclude_modules)."
             )
-        d_in, d_out = (base.weight.shape if type(base) is not nn.Linear else base.weight.shape[::-1])
+        d_in, d_out = base.weight.shape if type(base) is not nn.Linear else base.weight.shape[::-1]
         layer_kwargs = dict(
-            k=self._budget(config, adapter_name, d_out, d_in), init_weights=config.init_weights,
-            preserve_sparsity=bool(config.preserve_sparsity), nm_pattern=config.nm_pattern,
-            values_dtype=config.values_dtype, selection=config.selection,
+            k=self._budget(config, adapter_name, d_out, d_in),
+            init_weights=config.init_weights,
+            preserve_sparsity=bool(config.preserve_sparsity),
+            nm_pattern=config.nm_pattern,
+            values_dtype=config.values_dtype,
+            selection=config.selection,
         )
         if isinstance(target, Linear):
             target.update_layer(adapter_name, **layer_kwargs)
@@ -252,8 +260,10 @@ class SpielModel(BaseTuner):
 
     def _state(self, adapter_name: str) -> dict:
         states = self.__dict__.setdefault("_spiel_states", {})
-        return states.setdefault(adapter_name, dict(step=0, total_steps=None, resolved=False, reselections=0,
-                                                     reselect_seconds=0.0, changed=0))
+        return states.setdefault(
+            adapter_name,
+            dict(step=0, total_steps=None, resolved=False, reselections=0, reselect_seconds=0.0, changed=0),
+        )
 
     def _follow_trainer(self, names: Optional[Sequence[str]] = None) -> None:
         """Align the step counters of SpIEL adapters with a ``transformers.Trainer`` run that just started.
@@ -279,12 +289,16 @@ class SpielModel(BaseTuner):
             st["trainer_state"] = weakref.ref(state)
             st["step"] = int(state.global_step)
             max_steps = getattr(state, "max_steps", None)
-            st["total_steps"] = config.total_steps or (max_steps if isinstance(max_steps, int) and max_steps > 0
-                                                       else None)
+            st["total_steps"] = config.total_steps or (
+                max_steps if isinstance(max_steps, int) and max_steps > 0 else None
+            )
             st["resolved"] = True
             if st["step"]:
-                logger.info("SpIEL adapter %r: the Trainer resumes at step %d; drop-and-grow continues from there.",
-                            name, st["step"])
+                logger.info(
+                    "SpIEL adapter %r: the Trainer resumes at step %d; drop-and-grow continues from there.",
+                    name,
+                    st["step"],
+                )
             self._arm_collection(name, config, st, self._layers(name))
 
     @staticmethod
@@ -312,7 +326,9 @@ class SpielModel(BaseTuner):
         ``optimizer`` is needed to reset the state of regrown slots (and by ``selection="ma"`` to read beta2).
         Returns :meth:`spiel_stats` of the first adapter.
         """
-        names = list(adapter_names or [a for a in self.active_adapters if isinstance(self.peft_config.get(a), _cfg_cls())])
+        names = list(
+            adapter_names or [a for a in self.active_adapters if isinstance(self.peft_config.get(a), _cfg_cls())]
+        )
         for name in names:
             if self.peft_config[name].auto_reselection:
                 raise RuntimeError(
@@ -342,14 +358,17 @@ class SpielModel(BaseTuner):
             st["total_steps"] = config.total_steps
             st["resolved"] = True
             if st["total_steps"] is None and config.regrow_fraction > 0:
-                logger.info("SpIEL adapter %r: no total_steps and no Trainer found; regrow_fraction stays constant.", name)
+                logger.info(
+                    "SpIEL adapter %r: no total_steps and no Trainer found; regrow_fraction stays constant.", name
+                )
         if regrowth.is_reselection_step(step, config.reselection_steps):
             t0 = time.perf_counter()
             sync = _dist_sync()
             changed = 0
             for layer in layers:
-                n = regrowth.regrow_count(layer.spiel_k[name], step, config.regrow_fraction, config.regrow_schedule,
-                                          st["total_steps"])
+                n = regrowth.regrow_count(
+                    layer.spiel_k[name], step, config.regrow_fraction, config.regrow_schedule, st["total_steps"]
+                )
                 slots = layer.spiel_reselect(name, n, sync)
                 if slots.numel() and optimizer is not None:
                     reset_optimizer_slots(optimizer, layer.spiel_values[name], slots)
@@ -364,8 +383,13 @@ class SpielModel(BaseTuner):
         step = st["step"]
         collect = self._collect_next(config, step) and (
             st["total_steps"] is None
-            or regrowth.regrow_fraction_at(_next_reselection(step + 1, config.reselection_steps),
-                                           config.regrow_fraction, config.regrow_schedule, st["total_steps"]) > 0
+            or regrowth.regrow_fraction_at(
+                _next_reselection(step + 1, config.reselection_steps),
+                config.regrow_fraction,
+                config.regrow_schedule,
+                st["total_steps"],
+            )
+            > 0
         )
         for layer in layers:
             layer._spiel_collect[name] = collect
@@ -463,8 +487,9 @@ def spiel_step(model: nn.Module, optimizer=None, adapter_names: Optional[Sequenc
     return _spiel_model(model).spiel_step(optimizer, adapter_names)
 
 
-def fuse_spiel_adapters(model: nn.Module, adapter_names: Sequence[str], new_name: str,
-                        weights: Optional[Sequence[float]] = None) -> None:
+def fuse_spiel_adapters(
+    model: nn.Module, adapter_names: Sequence[str], new_name: str, weights: Optional[Sequence[float]] = None
+) -> None:
     """Add adapter ``new_name`` = ``Σ_a weights[a] · delta_a`` of SpIEL adapters on the same base.
 
     Indices are the union of the sources' indices; values at indices that several adapters share are summed

@@ -149,8 +149,9 @@ def _accept(cand: torch.Tensor, n: int, capacity: Optional[torch.Tensor], group_
     return cand[_rank_in_group(groups) < capacity[groups]][:n]
 
 
-def _grow_candidates(s: torch.Tensor, n: int, capacity: Optional[torch.Tensor],
-                     group_size: Optional[int]) -> Optional[torch.Tensor]:
+def _grow_candidates(
+    s: torch.Tensor, n: int, capacity: Optional[torch.Tensor], group_size: Optional[int]
+) -> Optional[torch.Tensor]:
     """:func:`grow` on candidates above a sampled threshold; ``s`` already holds -inf/-1 at active/dropped
     positions. None when the candidates do not suffice (the caller ranks everything)."""
     sample = _sample(s)
@@ -174,8 +175,14 @@ def _grow_candidates(s: torch.Tensor, n: int, capacity: Optional[torch.Tensor],
     return None
 
 
-def _grow_full(s: torch.Tensor, n: int, active: torch.Tensor, dropped: Optional[torch.Tensor],
-               capacity: Optional[torch.Tensor], group_size: Optional[int]) -> torch.Tensor:
+def _grow_full(
+    s: torch.Tensor,
+    n: int,
+    active: torch.Tensor,
+    dropped: Optional[torch.Tensor],
+    capacity: Optional[torch.Tensor],
+    group_size: Optional[int],
+) -> torch.Tensor:
     """:func:`grow` by ranking every position, best first. ``s`` is a scratch copy of the scores."""
     s.clamp_(min=0.0)
     if dropped is not None:
