@@ -89,8 +89,9 @@ class Settings:
     quick: bool = False
 
 
-QUICK = dict(steps=6, grid_steps=3, seq_len=32, batch_size=2, rank=2, eval_blocks=4, code_blocks=4, val_blocks=2,
-             nsamples=4)
+QUICK = dict(
+    steps=6, grid_steps=3, seq_len=32, batch_size=2, rank=2, eval_blocks=4, code_blocks=4, val_blocks=2, nsamples=4
+)
 
 
 # ---------------------------------------------------------------------------------------------- model and data
@@ -110,9 +111,15 @@ def tiny_llama() -> nn.Module:
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256)
+    config = transformers.LlamaConfig(
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -215,9 +222,15 @@ def sparsity_check(model: nn.Module, kept: dict[str, torch.Tensor], pattern: str
         zeros, numel = zeros + w.numel() - after, numel + w.numel()
         if nm and not is_nm(w, *nm):
             nm_valid = False
-    return {"sparsity": zeros / numel, "nnz_before": nnz_before, "nnz_after": nnz_after, "revived": revived,
-            "modules_over_budget": grown_modules, "nm_valid": nm_valid,
-            "exact": grown_modules == 0 and nm_valid is not False}
+    return {
+        "sparsity": zeros / numel,
+        "nnz_before": nnz_before,
+        "nnz_after": nnz_after,
+        "revived": revived,
+        "modules_over_budget": grown_modules,
+        "nm_valid": nm_valid,
+        "exact": grown_modules == 0 and nm_valid is not False,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- methods
@@ -254,8 +267,14 @@ def spiel_schedule(steps: int) -> dict:
 
 def _spiel(selection: str, preserve: bool):
     def config(s):
-        return sparse_peft.SpielConfig(r=s.rank, selection=selection, preserve_sparsity=preserve,
-                                       target_modules=TARGETS, task_type="CAUSAL_LM", **spiel_schedule(s.steps))
+        return sparse_peft.SpielConfig(
+            r=s.rank,
+            selection=selection,
+            preserve_sparsity=preserve,
+            target_modules=TARGETS,
+            task_type="CAUSAL_LM",
+            **spiel_schedule(s.steps),
+        )
 
     return config
 
@@ -268,8 +287,9 @@ def _s2ft_r(s: Settings, model: nn.Module) -> sparse_peft.S2FTConfig:
     lora = s.rank * (4 * d + 2 * (d + kv) + 3 * (d + inter))  # q, o + k, v + gate, up, down
     head = d * (d // cfg.num_attention_heads)  # one o_proj head slice
     channels = max(1, round((lora - head) / d))
-    return sparse_peft.S2FTConfig(heads_ratio=1 / cfg.num_attention_heads, channels_ratio=channels / inter,
-                                  task_type="CAUSAL_LM")
+    return sparse_peft.S2FTConfig(
+        heads_ratio=1 / cfg.num_attention_heads, channels_ratio=channels / inter, task_type="CAUSAL_LM"
+    )
 
 
 def _s2ft_matched(base: nn.Module, s: Settings) -> nn.Module:
@@ -285,8 +305,9 @@ def _supertuning(base: nn.Module, s: Settings) -> nn.Module:
     mods = [m for n, m in prunable_modules(base).items() if n.split(".")[-1] in TARGETS]
     lora = sum(s.rank * sum(linear_weight(m).shape) for m in mods)
     density = lora / sum(linear_weight(m).numel() for m in mods)
-    return get_peft_model(copy.deepcopy(base), SupertuningConfig(sparsity=1 - density, target_modules=TARGETS,
-                                                                 task_type="CAUSAL_LM"))
+    return get_peft_model(
+        copy.deepcopy(base), SupertuningConfig(sparsity=1 - density, target_modules=TARGETS, task_type="CAUSAL_LM")
+    )
 
 
 def _shira(s):
@@ -316,19 +337,35 @@ LR_WIDE = (3e-4, 1e-3, 3e-3)
 METHODS: dict[str, Method] = {
     "masked_ft": Method("masked full FT", (3e-5, 1e-4, 3e-4), _masked_ft),
     "lora_star": Method("LoRA* (merged, re-pruned)", LR_WIDE, _peft(_lora), reprune=True, keeps="-"),
-    "sparse_lora": Method("SparseLoRA", LR_WIDE, _peft(
-        lambda s: sparse_peft.SparseLoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules=TARGETS,
-                                               task_type="CAUSAL_LM"))),
-    "sparse_lora_fast": Method("SparseLoRA, unmasked gradient", LR_WIDE, _peft(
-        lambda s: sparse_peft.SparseLoraConfig(r=s.rank, lora_alpha=2 * s.rank, exact_gradient=False,
-                                               target_modules=TARGETS, task_type="CAUSAL_LM"))),
+    "sparse_lora": Method(
+        "SparseLoRA",
+        LR_WIDE,
+        _peft(
+            lambda s: sparse_peft.SparseLoraConfig(
+                r=s.rank, lora_alpha=2 * s.rank, target_modules=TARGETS, task_type="CAUSAL_LM"
+            )
+        ),
+    ),
+    "sparse_lora_fast": Method(
+        "SparseLoRA, unmasked gradient",
+        LR_WIDE,
+        _peft(
+            lambda s: sparse_peft.SparseLoraConfig(
+                r=s.rank, lora_alpha=2 * s.rank, exact_gradient=False, target_modules=TARGETS, task_type="CAUSAL_LM"
+            )
+        ),
+    ),
     "spiel_ag": Method("SpIEL-AG (SEFT)", LR_WIDE, _peft(_spiel("ag", True)), keeps="count"),
     "spiel_ma": Method("SpIEL-MA (SEFT)", LR_WIDE, _peft(_spiel("ma", True)), keeps="count"),
-    "spiel_ag_star": Method("SpIEL-AG* (no SEFT, re-pruned)", LR_WIDE, _peft(_spiel("ag", False)), reprune=True,
-                            keeps="-"),
-    "spiel_ma_star": Method("SpIEL-MA* (no SEFT, re-pruned)", LR_WIDE, _peft(_spiel("ma", False)), reprune=True,
-                            keeps="-"),
-    "s2ft": Method("S²FT (defaults)", (1e-4, 3e-4, 1e-3), _peft(lambda s: sparse_peft.S2FTConfig(task_type="CAUSAL_LM"))),
+    "spiel_ag_star": Method(
+        "SpIEL-AG* (no SEFT, re-pruned)", LR_WIDE, _peft(_spiel("ag", False)), reprune=True, keeps="-"
+    ),
+    "spiel_ma_star": Method(
+        "SpIEL-MA* (no SEFT, re-pruned)", LR_WIDE, _peft(_spiel("ma", False)), reprune=True, keeps="-"
+    ),
+    "s2ft": Method(
+        "S²FT (defaults)", (1e-4, 3e-4, 1e-3), _peft(lambda s: sparse_peft.S2FTConfig(task_type="CAUSAL_LM"))
+    ),
     "s2ft_r16": Method("S²FT (LoRA's count)", (1e-4, 3e-4, 1e-3), _s2ft_matched),
     "supertuning": Method("peft Super-Tuning* (re-pruned)", LR_WIDE, _supertuning, reprune=True, keeps="-"),
     "shira": Method("peft SHiRA* (re-pruned)", LR_WIDE, _peft(_shira), reprune=True, keeps="-"),
@@ -420,17 +457,30 @@ def evaluate(model: nn.Module, data: Data) -> dict:
     return {"ppl_wiki": perplexity(model, data.wiki, **kw), "ppl_code": perplexity(model, data.code, **kw)}
 
 
-def run_method(name: str, method: Method, base: nn.Module, kept, pattern: str, lr: float, data: Data,
-               s: Settings) -> dict:
+def run_method(
+    name: str, method: Method, base: nn.Module, kept, pattern: str, lr: float, data: Data, s: Settings
+) -> dict:
     t0 = time.perf_counter()
     model = method.build(base, s)
     stats = train(model, data.train, lr, s.device, f"{pattern} {name} lr={lr:g}")
     merged = finish(model, method, kept)
     seconds = time.perf_counter() - t0
-    row = {"method": name, "label": method.label, "pattern": pattern, "lr": lr, "seconds": seconds,
-           "trainable": stats["trainable"], "memory_bytes": stats["memory_bytes"], "reprune": method.reprune,
-           "keeps": method.keeps, "batches": data.digest, "loss_first": stats["losses"][0],
-           "loss_last": stats["losses"][-1], "max_loss": max(stats["losses"]), "losses": stats["losses"]}
+    row = {
+        "method": name,
+        "label": method.label,
+        "pattern": pattern,
+        "lr": lr,
+        "seconds": seconds,
+        "trainable": stats["trainable"],
+        "memory_bytes": stats["memory_bytes"],
+        "reprune": method.reprune,
+        "keeps": method.keeps,
+        "batches": data.digest,
+        "loss_first": stats["losses"][0],
+        "loss_last": stats["losses"][-1],
+        "max_loss": max(stats["losses"]),
+        "losses": stats["losses"],
+    }
     row.update(evaluate(merged, data))
     row["check"] = sparsity_check(merged, kept, pattern)
     stats_fn = getattr(getattr(model, "base_model", None), "spiel_stats", None)
@@ -485,24 +535,47 @@ def goals(rows: list[dict]) -> list[dict]:
         for m in ("sparse_lora", "sparse_lora_fast", "spiel_ag", "spiel_ma", "s2ft_r16"):
             r = by.get((pattern, m))
             if star and r:
-                out.append({"goal": f"{pattern}: {m} beats LoRA*", "value": r["ppl_wiki"], "reference":
-                            star["ppl_wiki"], "met": r["ppl_wiki"] < star["ppl_wiki"]})
+                out.append(
+                    {
+                        "goal": f"{pattern}: {m} beats LoRA*",
+                        "value": r["ppl_wiki"],
+                        "reference": star["ppl_wiki"],
+                        "met": r["ppl_wiki"] < star["ppl_wiki"],
+                    }
+                )
         for anchor in ("supertuning", "shira"):
             a = by.get((pattern, anchor))
-            best = min((by[(pattern, m)] for m in ("spiel_ag", "spiel_ma") if (pattern, m) in by),
-                       key=lambda r: r["ppl_wiki"], default=None)
+            best = min(
+                (by[(pattern, m)] for m in ("spiel_ag", "spiel_ma") if (pattern, m) in by),
+                key=lambda r: r["ppl_wiki"],
+                default=None,
+            )
             if a and best:
-                out.append({"goal": f"{pattern}: SpIEL ({best['method']}) beats {anchor}", "value": best["ppl_wiki"],
-                            "reference": a["ppl_wiki"], "met": best["ppl_wiki"] < a["ppl_wiki"]})
+                out.append(
+                    {
+                        "goal": f"{pattern}: SpIEL ({best['method']}) beats {anchor}",
+                        "value": best["ppl_wiki"],
+                        "reference": a["ppl_wiki"],
+                        "met": best["ppl_wiki"] < a["ppl_wiki"],
+                    }
+                )
         full = by.get((pattern, "masked_ft"))
-        ours = [by[(pattern, m)] for m in ("sparse_lora", "sparse_lora_fast", "spiel_ag", "spiel_ma", "s2ft",
-                                            "s2ft_r16") if (pattern, m) in by]
+        ours = [
+            by[(pattern, m)]
+            for m in ("sparse_lora", "sparse_lora_fast", "spiel_ag", "spiel_ma", "s2ft", "s2ft_r16")
+            if (pattern, m) in by
+        ]
         if full and ours:
             eligible = [r for r in ours if r["trainable"] * 10 <= full["trainable"]]
             best = min(eligible, key=lambda r: r["ppl_wiki"])
-            out.append({"goal": f"{pattern}: best tuner ({best['method']}) within 10% of masked full FT",
-                        "value": best["ppl_wiki"], "reference": full["ppl_wiki"],
-                        "met": best["ppl_wiki"] <= 1.1 * full["ppl_wiki"]})
+            out.append(
+                {
+                    "goal": f"{pattern}: best tuner ({best['method']}) within 10% of masked full FT",
+                    "value": best["ppl_wiki"],
+                    "reference": full["ppl_wiki"],
+                    "met": best["ppl_wiki"] <= 1.1 * full["ppl_wiki"],
+                }
+            )
     trained = [r for r in rows if r["pattern"] != "dense" and r["method"] != "pruned"]
     worse = [f"{r['pattern']} {r['method']}" for r in trained if r["worse_than_pruned"]]
     out.append({"goal": "no row ends worse than its pruned base", "value": worse, "met": not worse})
@@ -522,35 +595,52 @@ def markdown(result: dict) -> str:
         sub = [r for r in rows if r["pattern"] == pattern]
         if not sub:
             continue
-        lines += [f"**{'dense model' if pattern == 'dense' else 'Wanda ' + pattern}**", "",
-                  "| method | lr | wiki ppl | code ppl | recovery | trainable | memory | time | merged sparsity |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{'dense model' if pattern == 'dense' else 'Wanda ' + pattern}**",
+            "",
+            "| method | lr | wiki ppl | code ppl | recovery | trainable | memory | time | merged sparsity |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in sub:
             c = r.get("check")
-            check = "-" if c is None else (
-                f"{c['sparsity']:.2%} {'exact' if c['exact'] else 'NOT exact'}"
-                + (f", {c['revived']:,} revived / {c['nnz_after']:,} nnz" if c["revived"] else "")
-                + ("" if c["nm_valid"] is None else (", N:M valid" if c["nm_valid"] else ", N:M BROKEN")))
+            check = (
+                "-"
+                if c is None
+                else (
+                    f"{c['sparsity']:.2%} {'exact' if c['exact'] else 'NOT exact'}"
+                    + (f", {c['revived']:,} revived / {c['nnz_after']:,} nnz" if c["revived"] else "")
+                    + ("" if c["nm_valid"] is None else (", N:M valid" if c["nm_valid"] else ", N:M BROKEN"))
+                )
+            )
             rec = "-" if r.get("recovery") is None else f"{r['recovery']:.2f}"
             lr = "-" if r.get("lr") is None else f"{r['lr']:g}"
             trainable = f"{r['trainable']:,}" if r.get("trainable") else "-"
-            lines.append(f"| {r['label']} | {lr} | {r['ppl_wiki']:.2f} | {r['ppl_code']:.2f} | {rec} | {trainable} | "
-                         f"{_fmt_mem(r.get('memory_bytes'))} | {r.get('seconds', 0):.0f} s | {check} |")
+            lines.append(
+                f"| {r['label']} | {lr} | {r['ppl_wiki']:.2f} | {r['ppl_code']:.2f} | {rec} | {trainable} | "
+                f"{_fmt_mem(r.get('memory_bytes'))} | {r.get('seconds', 0):.0f} s | {check} |"
+            )
         lines.append("")
     if result.get("grid"):
-        lines += ["**Learning-rate grid** (validation perplexity after the proxy run; chosen value in bold)", "",
-                  "| method | grid |", "|---|---|"]
+        lines += [
+            "**Learning-rate grid** (validation perplexity after the proxy run; chosen value in bold)",
+            "",
+            "| method | grid |",
+            "|---|---|",
+        ]
         for g in result["grid"]:
-            cells = ", ".join((f"**{k}: {v:.2f}**" if float(k) == g["lr"] else f"{k}: {v:.2f}")
-                              for k, v in g["grid"].items())
+            cells = ", ".join(
+                (f"**{k}: {v:.2f}**" if float(k) == g["lr"] else f"{k}: {v:.2f}") for k, v in g["grid"].items()
+            )
             lines.append(f"| {g['method']} | {cells} |")
         lines.append("")
     lines += ["**Goals**", "", "| goal | value | reference | met |", "|---|---|---|---|"]
     for g in result["goals"]:
         val = g["value"] if not isinstance(g["value"], float) else f"{g['value']:.2f}"
         ref = g.get("reference")
-        lines.append(f"| {g['goal']} | {val or 'none'} | {'-' if ref is None else f'{ref:.2f}'} | "
-                     f"{'yes' if g['met'] else '**no**'} |")
+        lines.append(
+            f"| {g['goal']} | {val or 'none'} | {'-' if ref is None else f'{ref:.2f}'} | "
+            f"{'yes' if g['met'] else '**no**'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -568,8 +658,16 @@ def plot(result: dict, path: Path) -> None:
         sub = [r for r in rows if r["pattern"] == pattern]
         labels = [r["label"] for r in sub]
         values = [r["ppl_wiki"] for r in sub]
-        colors = ["#999999" if r["method"] == "pruned" else "#d62728" if r["reprune"] else
-                  "#7f7f7f" if r["method"] == "masked_ft" else "#1f77b4" for r in sub]
+        colors = [
+            "#999999"
+            if r["method"] == "pruned"
+            else "#d62728"
+            if r["reprune"]
+            else "#7f7f7f"
+            if r["method"] == "masked_ft"
+            else "#1f77b4"
+            for r in sub
+        ]
         ax.barh(range(len(sub)), values, color=colors)
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
@@ -578,13 +676,19 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlim(0, 1.15 * max(values))
         for name, style in (("dense", ":"), ("dense_lora", "--")):
             if name in ref:
-                ax.axvline(ref[name], color="k", linestyle=style, linewidth=1,
-                           label="dense" if name == "dense" else "dense + LoRA (control)")
+                ax.axvline(
+                    ref[name],
+                    color="k",
+                    linestyle=style,
+                    linewidth=1,
+                    label="dense" if name == "dense" else "dense + LoRA (control)",
+                )
         ax.set_title(f"Wanda {pattern}")
         ax.set_xlabel("held-out Wikipedia perplexity (lower is better)")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-    fig.suptitle("Recovery of a pruned model: blue = sparsity-preserving tuner, red = merged then re-pruned",
-                 fontsize=10)
+    fig.suptitle(
+        "Recovery of a pruned model: blue = sparsity-preserving tuner, red = merged then re-pruned", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -592,8 +696,9 @@ def plot(result: dict, path: Path) -> None:
 
 # -------------------------------------------------------------------------------------------------------- main
 def parse(argv=None) -> Settings:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     d = Settings()
     ap.add_argument("--steps", type=int, default=d.steps, help="optimizer steps of every run (default %(default)s)")
     ap.add_argument("--grid-steps", type=int, default=d.grid_steps, help="steps of a learning-rate proxy run")
@@ -607,20 +712,42 @@ def parse(argv=None) -> Settings:
     ap.add_argument("--patterns", default=",".join(d.patterns), help="comma-separated, from 50%%, 2:4, 70%%")
     ap.add_argument("--grid-pattern", default=d.grid_pattern, help="the pattern the LR grid runs on")
     ap.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(METHODS)}")
-    ap.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
-                    help="skip the grid for METHOD and use LR (repeatable)")
+    ap.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="METHOD=LR",
+        help="skip the grid for METHOD and use LR (repeatable)",
+    )
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16"])
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--quick", action="store_true", help="a tiny random Llama and a handful of steps")
     ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from <out-dir>/recovery.partial.json (same options)",
+    )
     args = ap.parse_args(argv)
-    s = Settings(steps=args.steps, grid_steps=args.grid_steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                 rank=args.rank, eval_blocks=args.eval_blocks, code_blocks=args.code_blocks, val_blocks=args.val_blocks,
-                 nsamples=args.nsamples, patterns=tuple(p.strip() for p in args.patterns.split(",") if p.strip()),
-                 grid_pattern=args.grid_pattern, device=args.device, dtype=args.dtype, seed=args.seed,
-                 quick=args.quick,
-                 methods=tuple(m.strip() for m in args.methods.split(",")) if args.methods else None)
+    s = Settings(
+        steps=args.steps,
+        grid_steps=args.grid_steps,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        rank=args.rank,
+        eval_blocks=args.eval_blocks,
+        code_blocks=args.code_blocks,
+        val_blocks=args.val_blocks,
+        nsamples=args.nsamples,
+        patterns=tuple(p.strip() for p in args.patterns.split(",") if p.strip()),
+        grid_pattern=args.grid_pattern,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        quick=args.quick,
+        methods=tuple(m.strip() for m in args.methods.split(",")) if args.methods else None,
+    )
     if s.quick:
         for k, v in QUICK.items():
             setattr(s, k, v)
@@ -637,7 +764,7 @@ def parse(argv=None) -> Settings:
         if name not in METHODS:
             ap.error(f"--lr {item!r}: unknown method {name!r}")
         fixed[name] = float(value)
-    return s, fixed, Path(args.out_dir)
+    return s, fixed, Path(args.out_dir), args.resume
 
 
 def methods_for(pattern: str, s: Settings) -> list[str]:
@@ -645,54 +772,122 @@ def methods_for(pattern: str, s: Settings) -> list[str]:
     return [m for m in chosen if pattern != "70%" or m in s.leading]
 
 
-def run(s: Settings, fixed: dict, out_dir: Path) -> dict:
+class Progress:
+    """Rows and grid results so far, written (atomically) to ``recovery.partial.json`` after each one, so a long run
+    that stops can continue with ``--resume``: finished rows and grid entries are reused when the settings match."""
+
+    def __init__(self, path: Path, s: Settings, resume: bool):
+        self.path, self.settings = path, json.loads(json.dumps(asdict(s)))  # tuples as JSON lists
+        self.rows, self.grid, self.elapsed = [], {}, 0.0
+        self.start = time.perf_counter()
+        if resume and path.exists():
+            saved = json.loads(path.read_text())
+            if saved["settings"] != self.settings:
+                raise SystemExit(
+                    f"--resume: {path} was written with other settings; rerun without --resume "
+                    "(or with the same options)."
+                )
+            self.rows, self.grid, self.elapsed = saved["rows"], saved["grid"], saved["elapsed"]
+            print(f"resuming: {len(self.rows)} rows and {len(self.grid)} grid results from {path}", flush=True)
+
+    def row(self, pattern: str, method: str) -> Optional[dict]:
+        return next((r for r in self.rows if r["pattern"] == pattern and r["method"] == method), None)
+
+    def add(self, row: Optional[dict] = None, grid: Optional[dict] = None) -> None:
+        if row is not None:
+            self.rows.append(row)
+        if grid is not None:
+            self.grid[grid["method"]] = grid
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {"settings": self.settings, "rows": self.rows, "grid": self.grid, "elapsed": self.seconds}, indent=1
+            )
+        )
+        tmp.replace(self.path)
+
+    @property
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.start
+
+
+def run(s: Settings, fixed: dict, out_dir: Path, resume: bool = False) -> dict:
     torch.manual_seed(s.seed)
-    start = time.perf_counter()
+    state = Progress(out_dir / "recovery.partial.json", s, resume)
     dense, tok = load(s)
     data = make_data(tok, s)
-    rows: list[dict] = []
-    ev = evaluate(dense, data)
-    rows.append({"method": "dense", "label": "dense", "pattern": "dense", "reprune": False, **ev})
+    if state.row("dense", "dense") is None:
+        state.add({"method": "dense", "label": "dense", "pattern": "dense", "reprune": False, **evaluate(dense, data)})
+    ev = state.row("dense", "dense")
     print(f"dense: wiki {ev['ppl_wiki']:.2f}, code {ev['ppl_code']:.2f}", flush=True)
 
-    grid_methods = [m for m in (s.methods or METHODS) if m not in fixed]
-    bases = {}
-    lrs = dict(fixed)
-    grid = []
-    if grid_methods:
-        bases[s.grid_pattern] = prune_base(dense, s.grid_pattern, data)
-        for name in grid_methods:
-            g = choose_lr(name, bases[s.grid_pattern], data, s)
-            grid.append(g)
-            lrs[name] = g["lr"]
-            print(f"grid {name}: {g['grid']} -> {g['lr']:g}", flush=True)
+    bases, lrs = {}, dict(fixed)
+    for name in [m for m in (s.methods or METHODS) if m not in fixed]:
+        if name not in state.grid:
+            if s.grid_pattern not in bases:
+                bases[s.grid_pattern] = prune_base(dense, s.grid_pattern, data)
+            state.add(grid=choose_lr(name, bases[s.grid_pattern], data, s))
+        lrs[name] = state.grid[name]["lr"]
+        print(f"grid {name}: {state.grid[name]['grid']} -> {lrs[name]:g}", flush=True)
     lrs.setdefault("dense_lora", lrs.get("lora_star", METHODS["lora_star"].grid[1]))
 
-    control = Method("dense + LoRA (control)", (), _peft(_lora), keeps="-")
-    row = run_method("dense_lora", control, dense, masks_of(dense), "dense", lrs["dense_lora"], data, s)
-    row.pop("check")
-    rows.append(row)
-    print(f"dense_lora: wiki {row['ppl_wiki']:.2f}", flush=True)
+    if state.row("dense", "dense_lora") is None:
+        control = Method("dense + LoRA (control)", (), _peft(_lora), keeps="-")
+        row = run_method("dense_lora", control, dense, masks_of(dense), "dense", lrs["dense_lora"], data, s)
+        row.pop("check")
+        state.add(row)
+    print(f"dense_lora: wiki {state.row('dense', 'dense_lora')['ppl_wiki']:.2f}", flush=True)
 
     for pattern in s.patterns:
+        todo = [m for m in methods_for(pattern, s) if state.row(pattern, m) is None]
+        if not todo and state.row(pattern, "pruned") is not None:
+            continue
         base = bases.pop(pattern, None) or prune_base(dense, pattern, data)
         kept = masks_of(base)
-        ev = evaluate(base, data)
-        rows.append({"method": "pruned", "label": "pruned", "pattern": pattern, "reprune": False,
-                     "check": sparsity_check(base, kept, pattern), **ev})
-        print(f"{pattern} pruned: wiki {ev['ppl_wiki']:.2f}", flush=True)
-        for name in methods_for(pattern, s):
+        if state.row(pattern, "pruned") is None:
+            state.add(
+                {
+                    "method": "pruned",
+                    "label": "pruned",
+                    "pattern": pattern,
+                    "reprune": False,
+                    "check": sparsity_check(base, kept, pattern),
+                    **evaluate(base, data),
+                }
+            )
+        print(f"{pattern} pruned: wiki {state.row(pattern, 'pruned')['ppl_wiki']:.2f}", flush=True)
+        for name in todo:
             row = run_method(name, METHODS[name], base, kept, pattern, lrs[name], data, s)
-            rows.append(row)
-            print(f"{pattern} {name}: wiki {row['ppl_wiki']:.2f} code {row['ppl_code']:.2f} "
-                  f"({row['seconds']:.0f} s, exact={row['check']['exact']})", flush=True)
+            state.add(row)
+            print(
+                f"{pattern} {name}: wiki {row['ppl_wiki']:.2f} code {row['ppl_code']:.2f} "
+                f"({row['seconds']:.0f} s, exact={row['check']['exact']})",
+                flush=True,
+            )
         del base
+    return report(state, s, lrs, data, out_dir)
+
+
+def report(state: Progress, s: Settings, lrs: dict, data: Data, out_dir: Path) -> dict:
+    names = ["dense", "dense_lora", "pruned", *METHODS]
+    rows = sorted(state.rows, key=lambda r: ((["dense", *PATTERNS].index(r["pattern"])), names.index(r["method"])))
     add_recovery(rows)
-    result = {"benchmark": "recovery", "date": date.today().isoformat(), "machine": platform.processor() or
-              platform.machine(), "python": sys.version.split()[0], "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "settings": asdict(s), "lrs": lrs, "grid": grid,
-              "batches": data.digest, "rows": rows, "goals": goals(rows),
-              "wall_seconds": time.perf_counter() - start}
+    result = {
+        "benchmark": "recovery",
+        "date": date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "settings": asdict(s),
+        "lrs": lrs,
+        "grid": list(state.grid.values()),
+        "batches": data.digest,
+        "rows": rows,
+        "goals": goals(rows),
+        "wall_seconds": state.seconds,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recovery.json").write_text(json.dumps(result, indent=2))
     md = markdown(result)
@@ -704,8 +899,8 @@ def run(s: Settings, fixed: dict, out_dir: Path) -> dict:
 
 
 def main(argv=None) -> dict:
-    s, fixed, out_dir = parse(argv)
-    return run(s, fixed, out_dir)
+    s, fixed, out_dir, resume = parse(argv)
+    return run(s, fixed, out_dir, resume)
 
 
 if __name__ == "__main__":

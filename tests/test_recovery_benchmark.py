@@ -85,3 +85,13 @@ def test_recovery_goals_and_outputs(result):
     md = (out / "recovery.md").read_text()
     assert "LoRA* (merged, re-pruned)" in md and "Learning-rate grid" in md
     assert (out / "recovery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_reuses_every_finished_row(result):
+    module, res, out = result
+    again = module.main(["--quick", "--patterns", "50%,2:4", "--out-dir", str(out), "--resume"])
+    assert [(r["pattern"], r["method"], r.get("seconds")) for r in again["rows"]] == [
+        (r["pattern"], r["method"], r.get("seconds")) for r in res["rows"]
+    ]
+    with pytest.raises(SystemExit, match="other settings"):
+        module.main(["--quick", "--patterns", "50%", "--out-dir", str(out), "--resume"])
