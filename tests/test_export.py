@@ -23,8 +23,8 @@ from sparse_peft.export import (
     semi_structured_plan,
     to_semi_structured,
 )
-from sparse_peft.export import _codec, checkpoint, semi_structured
-from sparse_peft.masks import nm_mask
+from sparse_peft.export import _codec, semi_structured
+from sparse_peft.masks import nm_mask, pack_mask
 from sparse_peft.pruning import get_masks, prune, save_masks
 from sparse_peft.pruning.report import linear_weight
 
@@ -119,8 +119,12 @@ def test_codec_round_trip(shape, dtype):
     w[torch.rand(shape, generator=g) < 0.5] = 0.0
     w[torch.rand(shape, generator=g) < 0.2] = -0.0
     parts = _codec.encode(w)
-    assert parts["mask"].numel() == -(-w.numel() // 8) and parts["values"].numel() == int((w != 0).sum())
-    out = _codec.decode(parts["mask"], parts["values"], shape, parts.get("signs"))
+    nnz = int((w != 0).sum())
+    assert parts["mask"].numel() == -(-w.numel() // 8) and parts["values"].numel() == nnz
+    assert torch.equal(parts["mask"], pack_mask(w != 0))  # the bit layout of sparse_peft.masks
+    keep = _codec.unpack_bits(parts["mask"])[: w.numel()]
+    negative = _codec.unpack_bits(parts["signs"])[: w.numel() - nnz] if "signs" in parts else None
+    out = _codec.decode(keep, parts["values"], shape, negative)
     assert out.dtype == dtype and torch.equal(bits(out), bits(w))
 
 
@@ -351,9 +355,9 @@ def test_bitmask_popcount_disagreeing_with_values(saved):
     with safe_open(str(shard), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     mask = tensors[f"{name}::mask"]
-    keep = _codec.unpack_mask(mask, tuple(record["shape"])).clone()
-    keep.view(-1)[(~keep).view(-1).nonzero()[0]] = True  # one more kept position than there are values
-    tensors[f"{name}::mask"] = _codec.pack_mask(keep)
+    keep = _codec.unpack_bits(mask)[: record["shape"][0] * record["shape"][1]].clone()
+    keep[(~keep).nonzero()[0]] = True  # one more kept position than there are values
+    tensors[f"{name}::mask"] = _codec.pack_bits(keep)
     save_file(tensors, str(shard))
     manifest = _manifest(saved)
     manifest["tensors"][name]["crc32"]["mask"] = _codec.crc32(tensors[f"{name}::mask"])

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .._layout import LINEAR_TYPES
-from ..masks import parse_nm, unpack_mask
+from ..masks import parse_nm
 from . import _codec
 
 FORMAT = "sparse_peft.sparse_checkpoint"
@@ -193,12 +193,14 @@ def _main_dtype(entries: list[tuple[str, torch.Tensor]]) -> str:
 
 
 def _nm_pattern(keep: torch.Tensor, layout: str) -> Optional[str]:
-    """The first of ``_PATTERNS`` that the keep mask follows (groups along d_in), else ``None``."""
+    """The tightest of ``_PATTERNS`` that the keep mask follows (groups along d_in), else ``None``."""
     rows = keep if layout == "linear" else keep.t().contiguous()  # (d_out, d_in)
-    for pattern in _PATTERNS:
-        if _follows(rows, *parse_nm(pattern)):
-            return pattern
-    return None
+    found = None
+    for pattern in sorted(_PATTERNS, key=lambda p: -parse_nm(p)[1]):  # 4:8 first: a 2:4 weight is 4:8 too
+        if not _follows(rows, *parse_nm(pattern)):
+            break
+        found = pattern
+    return found
 
 
 def _follows(keep: torch.Tensor, n: int, m: int) -> bool:
@@ -207,23 +209,27 @@ def _follows(keep: torch.Tensor, n: int, m: int) -> bool:
     if d_in % m:
         return False
     groups = keep.contiguous().view(torch.uint8).view(d_out, d_in // m, m)  # (d_out, G, m)
-    return bool((groups.sum(-1, dtype=torch.uint8) <= n).all())
+    head = groups[:8]  # an unstructured weight almost always fails in its first rows: reject it cheaply
+    return bool((head.sum(-1, dtype=torch.uint8) <= n).all()) and bool((groups.sum(-1, dtype=torch.uint8) <= n).all())
 
 
 def _encode_entry(name: str, tensor: torch.Tensor, layout: Optional[str]) -> tuple[dict, dict]:
     """``(stored tensors, manifest record)`` for one state-dict entry."""
-    record = {"shape": list(tensor.shape), "dtype": _codec.dtype_name(tensor.dtype)}
-    if layout is not None and tensor.dtype in _codec.ENCODABLE and tensor.dim() == 2:
-        parts = _codec.encode(tensor)
-        if _codec.encoded_bytes(parts) < tensor.numel() * tensor.element_size():
-            keep = unpack_mask(parts["mask"], tuple(tensor.shape))  # (rows, cols) bool
-            record.update(encoding="bitmask", nnz=parts["values"].numel(), layout=layout, signs="signs" in parts)
-            record["pattern"] = _nm_pattern(keep, layout)
-            record["crc32"] = {part: _codec.crc32(t) for part, t in parts.items()}
-            return {f"{name}{_SEP}{part}": t for part, t in parts.items()}, record
-    dense = tensor.detach().to("cpu").contiguous()
-    record.update(encoding="dense", crc32=_codec.crc32(dense))
-    return {name: dense}, record
+    t = tensor.detach().to("cpu").contiguous()
+    record = {"shape": list(t.shape), "dtype": _codec.dtype_name(t.dtype)}
+    dense_bytes = t.numel() * t.element_size()
+    if layout is not None and t.dtype in _codec.ENCODABLE and t.dim() == 2:
+        keep = _codec.nonzero(t).view(t.shape)  # (rows, cols)
+        nnz = _codec.count(keep)
+        if (t.numel() + 7) // 8 + nnz * t.element_size() < dense_bytes:  # worth trying (signs may still tip it)
+            parts = _codec.encode(t, keep)
+            if _codec.encoded_bytes(parts) < dense_bytes:
+                record.update(encoding="bitmask", nnz=nnz, layout=layout, signs="signs" in parts)
+                record["pattern"] = _nm_pattern(keep, layout)
+                record["crc32"] = {part: _codec.crc32(p) for part, p in parts.items()}
+                return {f"{name}{_SEP}{part}": p for part, p in parts.items()}, record
+    record.update(encoding="dense", crc32=_codec.crc32(t))
+    return {name: t}, record
 
 
 def _write_shards(folder: Path, entries, linear: dict[str, str], max_bytes: int, progress: bool):
@@ -539,24 +545,31 @@ def _read(path: Path, f, name: str, record: dict, verify_checksums: bool) -> tor
                 )
     if record["encoding"] == "dense":
         return parts["tensor"]
-    _check_bits(parts, record, shape, bad)
-    return _codec.decode(parts["mask"], parts["values"], shape, parts.get("signs"))
+    keep, negative = _check_bits(parts, record, shape, bad)
+    return _codec.decode(keep, parts["values"], shape, negative)
 
 
-def _check_bits(parts: dict, record: dict, shape: tuple, bad) -> None:
-    """Popcounts against the number of values and zeros, and the recorded N:M pattern."""
-    ones = _codec.popcount(parts["mask"])
+def _check_bits(parts: dict, record: dict, shape: tuple, bad) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Popcounts against the number of values and zeros, and the recorded N:M pattern; returns the unpacked
+    ``keep`` ``(numel,)`` and ``negative`` ``(numel - nnz,)`` bits (``None`` without stored signs)."""
+    numel = shape[0] * shape[1]
+    keep = _codec.unpack_bits(parts["mask"])  # (8 * ceil(numel / 8),), padding included
+    ones = _codec.count(keep)
     if ones != record["nnz"]:
         raise bad(f"the bitmask has {ones} bits set but {record['nnz']} values are stored")
+    keep = keep[:numel]
+    negative = None
     if "signs" in parts:
-        zeros = shape[0] * shape[1] - ones
-        if _codec.popcount(parts["signs"]) != int(unpack_mask(parts["signs"], (zeros,)).sum()):
-            raise bad(f"the sign bits of the zeros run past its {zeros} zeros")
+        negative = _codec.unpack_bits(parts["signs"])
+        if _codec.count(negative[numel - ones :]):
+            raise bad(f"the sign bits of the zeros run past its {numel - ones} zeros")
+        negative = negative[: numel - ones]
     pattern = record.get("pattern")
     if pattern:
-        keep = unpack_mask(parts["mask"], shape)  # (rows, cols)
-        if not _follows(keep if record["layout"] == "linear" else keep.t(), *parse_nm(pattern)):
+        rows = keep.view(shape) if record["layout"] == "linear" else keep.view(shape).t()  # (d_out, d_in)
+        if not _follows(rows, *parse_nm(pattern)):
             raise bad(f"the manifest says {pattern}, but the bitmask breaks that pattern")
+    return keep, negative
 
 
 def _check_parts(parts: dict, record: dict, shape: tuple, dtype: torch.dtype, bad) -> None:
@@ -584,7 +597,9 @@ def _fill(target: torch.Tensor, tensor: torch.Tensor, path: Path, name: str) -> 
             f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model built from config.json expects "
             f"{tuple(target.shape)}."
         )
-    if target.dtype == tensor.dtype:
+    if target.dtype == tensor.dtype and target.device.type == "cpu" and target.is_contiguous():
+        _codec.copy_into(target.data, tensor)
+    elif target.dtype == tensor.dtype:
         target.data.copy_(tensor)
     else:  # a tensor kept in another dtype than the rest of the model (e.g. fp32 norms in a bf16 model)
         target.data = tensor.to(target.device)
