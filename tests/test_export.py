@@ -128,6 +128,14 @@ def test_codec_round_trip(shape, dtype):
     assert out.dtype == dtype and torch.equal(bits(out), bits(w))
 
 
+@pytest.mark.parametrize("m", [4, 8, 16])
+def test_max_group_count_matches_a_reshape_sum(m):
+    g = torch.Generator().manual_seed(m)
+    for _ in range(20):
+        keep = torch.rand(6, 8 * m, generator=g) < torch.rand(1, generator=g)
+        assert _codec.max_group_count(keep, m) == int(keep.reshape(6, -1, m).sum(-1).max())
+
+
 def test_sharded_write_and_load(tmp_path):
     model = make_model("llama")
     make_sparse(model, 0.5)

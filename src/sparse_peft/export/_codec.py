@@ -66,6 +66,20 @@ def count(bits: torch.Tensor) -> int:
     return int(np.count_nonzero(bits.numpy()))
 
 
+def max_group_count(bits: torch.Tensor, m: int) -> int:
+    """The largest number of ``True`` in a group of ``m`` consecutive elements of a contiguous CPU ``bool`` tensor
+    (``numel % m == 0``). For ``m`` of 4 or 8 a group's 0/1 bytes are one machine word, and multiplying it by
+    0x0101... sums its bytes into the top byte: no per-group reduction loop."""
+    flat = bits.reshape(-1).numpy().view(np.uint8)  # (numel,) 0/1
+    if m in (4, 8):
+        word = np.uint32 if m == 4 else np.uint64
+        ones = word(0x01010101) if m == 4 else word(0x0101010101010101)
+        counts = (flat.view(word) * ones) >> word(8 * (m - 1))  # (numel / m,)
+    else:
+        counts = flat.reshape(-1, m).sum(-1)
+    return int(counts.max()) if counts.size else 0
+
+
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Pack a ``bool`` tensor into ``uint8``, least significant bit first (the layout of
     :func:`sparse_peft.masks.pack_mask`), zero-padded to a whole byte."""

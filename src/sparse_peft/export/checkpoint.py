@@ -204,13 +204,11 @@ def _nm_pattern(keep: torch.Tensor, layout: str) -> Optional[str]:
 
 
 def _follows(keep: torch.Tensor, n: int, m: int) -> bool:
-    """At most ``n`` kept per group of ``m`` consecutive inputs (:func:`sparse_peft.masks.is_nm`, in ``uint8``)."""
+    """At most ``n`` kept per group of ``m`` consecutive inputs (:func:`sparse_peft.masks.is_nm`, on the CPU)."""
     d_out, d_in = keep.shape
     if d_in % m:
         return False
-    groups = keep.contiguous().view(torch.uint8).view(d_out, d_in // m, m)  # (d_out, G, m)
-    head = groups[:8]  # an unstructured weight almost always fails in its first rows: reject it cheaply
-    return bool((head.sum(-1, dtype=torch.uint8) <= n).all()) and bool((groups.sum(-1, dtype=torch.uint8) <= n).all())
+    return _codec.max_group_count(keep.contiguous(), m) <= n
 
 
 def _encode_entry(name: str, tensor: torch.Tensor, layout: Optional[str]) -> tuple[dict, dict]:
