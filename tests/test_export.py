@@ -136,6 +136,32 @@ def test_max_group_count_matches_a_reshape_sum(m):
         assert _codec.max_group_count(keep, m) == int(keep.reshape(6, -1, m).sum(-1).max())
 
 
+def test_round_trip_keeps_a_tensor_in_another_dtype(tmp_path):
+    """A bf16 model with an fp32 norm (mixed precision): each tensor comes back in its own dtype."""
+    model = make_model("llama", torch.bfloat16)
+    make_sparse(model, 0.5)
+    model.model.norm.float()
+    save_sparse(model, tmp_path / "ck")
+    loaded = load_sparse(tmp_path / "ck")
+    assert loaded.model.norm.weight.dtype == torch.float32 and loaded.model.layers[0].mlp.up_proj.weight.dtype == (
+        torch.bfloat16
+    )
+    assert_bit_identical(model, loaded)
+
+
+@pytest.mark.cuda
+def test_load_onto_the_gpu(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = make_model("gpt2", torch.float16)
+    make_sparse(model, 0.5)
+    save_sparse(model.cuda(), tmp_path / "ck")  # saving from the GPU too
+    loaded = load_sparse(tmp_path / "ck", device="cuda")
+    assert loaded.transformer.h[0].attn.c_attn.weight.device.type == "cuda"
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert_bit_identical(model.cpu(), loaded.cpu())
+
+
 def test_sharded_write_and_load(tmp_path):
     model = make_model("llama")
     make_sparse(model, 0.5)

@@ -66,17 +66,21 @@ def count(bits: torch.Tensor) -> int:
     return int(np.count_nonzero(bits.numpy()))
 
 
-def max_group_count(bits: torch.Tensor, m: int) -> int:
-    """The largest number of ``True`` in a group of ``m`` consecutive elements of a contiguous CPU ``bool`` tensor
-    (``numel % m == 0``). For ``m`` of 4 or 8 a group's 0/1 bytes are one machine word, and multiplying it by
-    0x0101... sums its bytes into the top byte: no per-group reduction loop."""
+def group_counts(bits: torch.Tensor, m: int) -> np.ndarray:
+    """Number of ``True`` in each group of ``m`` consecutive elements of a contiguous CPU ``bool`` tensor
+    (``numel % m == 0``): ``(numel / m,)``. For ``m`` of 4 or 8 a group's 0/1 bytes are one machine word, and
+    multiplying it by 0x0101... sums its bytes into the top byte: no per-group reduction loop."""
     flat = bits.reshape(-1).numpy().view(np.uint8)  # (numel,) 0/1
     if m in (4, 8):
         word = np.uint32 if m == 4 else np.uint64
         ones = word(0x01010101) if m == 4 else word(0x0101010101010101)
-        counts = (flat.view(word) * ones) >> word(8 * (m - 1))  # (numel / m,)
-    else:
-        counts = flat.reshape(-1, m).sum(-1)
+        return (flat.view(word) * ones) >> word(8 * (m - 1))
+    return flat.reshape(-1, m).sum(-1)
+
+
+def max_group_count(bits: torch.Tensor, m: int) -> int:
+    """The largest :func:`group_counts` (0 for an empty tensor)."""
+    counts = group_counts(bits, m)
     return int(counts.max()) if counts.size else 0
 
 

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -88,7 +88,7 @@ def save_sparse(
     model: nn.Module,
     path: Union[str, os.PathLike],
     *,
-    tokenizer=None,
+    tokenizer: Optional[Any] = None,
     max_shard_size: Union[int, str] = "2GB",
     overwrite: bool = False,
     progress: bool = False,
@@ -97,7 +97,8 @@ def save_sparse(
 
     Every ``nn.Linear`` / ``Conv1D`` weight whose bitmask encoding (one bit per element plus the non-zero values)
     is smaller than the dense tensor is stored that way; everything else is stored as it is. At 50% unstructured
-    sparsity that is 0.56x the dense bytes in bf16 and 0.53x in fp32.
+    sparsity that is 0.5625x the dense bytes in bf16 (0.53x in fp32), plus one bit per zero when some zeros are
+    ``-0.0`` (masking by multiplication leaves them where negative weights were pruned): 0.594x.
 
     Args:
         model: a plain ``transformers`` model (merge adapters first with ``merge_and_unload()``).
@@ -389,7 +390,7 @@ def load_sparse(
     path: Union[str, os.PathLike],
     *,
     device: Union[str, torch.device] = "cpu",
-    model_class=None,
+    model_class: Optional[type] = None,
     return_tokenizer: bool = False,
     verify_checksums: bool = True,
     progress: bool = False,

@@ -8,12 +8,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from .._layout import linear_weight
-from ..masks import is_nm, parse_nm
-from ..pruning.masks_io import get_masks, load_masks
+from ..masks import parse_nm
+from ..pruning.masks_io import load_masks
+from . import _codec
 from ..pruning.report import prunable_modules
 
 _INFERRED_PATTERNS = ("2:4", "4:8")
@@ -155,7 +157,7 @@ def verify(
 
 def _reference_masks(reference) -> dict[str, torch.Tensor]:
     if isinstance(reference, nn.Module):
-        return get_masks(reference)
+        return {name: torch.from_numpy(_nonzero(linear_weight(m))) for name, m in prunable_modules(reference).items()}
     if isinstance(reference, (str, os.PathLike)):
         return _mask_file(Path(reference))
     if isinstance(reference, Mapping):
@@ -191,9 +193,18 @@ def _inferred_pattern(masks: Mapping[str, torch.Tensor]) -> Optional[str]:
     if not masks or all(bool(m.all()) for m in masks.values()):
         return None
     for pattern in _INFERRED_PATTERNS:
-        if all(is_nm(m, *parse_nm(pattern)) for m in masks.values()):
+        n, m = parse_nm(pattern)
+        if all(k.shape[1] % m == 0 and _codec.max_group_count(k.contiguous(), m) <= n for k in masks.values()):
             return pattern
     return None
+
+
+def _nonzero(weight: torch.Tensor) -> np.ndarray:
+    """``weight != 0`` as a numpy ``bool`` array ``(d_out, d_in)`` on the CPU."""
+    w = weight.detach()
+    if w.device.type == "cpu" and w.dtype in _codec.ENCODABLE:
+        return _codec.nonzero(w.contiguous()).numpy().reshape(w.shape)  # single-threaded, bit-level
+    return (w != 0).cpu().numpy()
 
 
 def _check_module(name: str, module: Optional[nn.Module], keep: torch.Tensor, nm) -> ModuleCheck:
@@ -202,19 +213,19 @@ def _check_module(name: str, module: Optional[nn.Module], keep: torch.Tensor, nm
     w = linear_weight(module)  # (d_out, d_in)
     if tuple(w.shape) != tuple(keep.shape):
         raise ValueError(f"verify: {name!r} is {tuple(w.shape)} in the model but {tuple(keep.shape)} in the reference.")
-    keep = keep.to(w.device)
-    nonzero = w != 0  # (d_out, d_in)
-    revived = int((nonzero & ~keep).sum())
-    check = ModuleCheck(name, tuple(w.shape), int(keep.sum()), int(nonzero.sum()), revived)
+    kept = keep.detach().cpu().numpy()  # (d_out, d_in) bool
+    nonzero = _nonzero(w)  # (d_out, d_in) bool
+    revived = int(np.count_nonzero(nonzero & ~kept))
+    check = ModuleCheck(name, tuple(w.shape), int(np.count_nonzero(kept)), int(np.count_nonzero(nonzero)), revived)
     if nm is not None:
         check.bad_groups = _bad_groups(nonzero, *nm)
     return check
 
 
-def _bad_groups(nonzero: torch.Tensor, n: int, m: int) -> int:
+def _bad_groups(nonzero: np.ndarray, n: int, m: int) -> int:
     """Groups of ``m`` consecutive inputs with more than ``n`` non-zeros (every group, if ``d_in % m``)."""
     d_out, d_in = nonzero.shape
     if d_in % m:
         return d_out * -(-d_in // m)
-    per_group = nonzero.reshape(d_out, d_in // m, m).sum(-1)  # (d_out, d_in / m)
-    return int((per_group > n).sum())
+    counts = _codec.group_counts(torch.from_numpy(np.ascontiguousarray(nonzero)), m)  # (d_out * d_in / m,)
+    return int(np.count_nonzero(counts > n))
