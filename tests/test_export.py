@@ -517,7 +517,7 @@ def test_verify_allow_moves_checks_counts_not_positions():
     with pytest.raises(SparsityError):
         verify(moved, base)
     report = verify(moved, base, allow_moves=True)
-    assert report.revived == 1 and "1 moved" in str(report)
+    assert report.revived == 1 and "1 non-zeros moved" in str(report)
     with torch.no_grad():
         w[tuple((w == 0).nonzero()[0])] = 0.25
     with pytest.raises(SparsityError, match="up_proj: 1 more non-zeros than the reference"):
@@ -640,6 +640,7 @@ def test_semi_structured_linear_matches_dense_on_gpu():
             sparse = model(x)
         assert report.converted == ["0"] and not report.dense
         assert type(linear.weight).__name__.startswith("SparseSemiStructuredTensor")
+        assert to_semi_structured(model).converted == ["0"]  # a second call keeps the converted weight
         torch.testing.assert_close(sparse, dense, rtol=2e-2, atol=2e-2)
 
 

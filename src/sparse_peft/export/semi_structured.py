@@ -112,6 +112,9 @@ def to_semi_structured(model: nn.Module) -> SemiStructuredReport:
     _require_sm80(model)
     report = SemiStructuredReport()
     for name, module in prunable_modules(model).items():
+        if isinstance(module.weight, torch.sparse.SparseSemiStructuredTensor):  # converted by an earlier call
+            report.converted.append(name)
+            continue
         reason = _reason(module)
         if reason is None:
             try:

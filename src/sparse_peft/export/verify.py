@@ -95,10 +95,12 @@ class VerifyReport:
 
     def __str__(self) -> str:
         nm = f", {self.nm_pattern} valid" if self.nm_pattern and not self.bad_groups else ""
-        moved = f" ({self.revived:,} moved)" if self.allow_moves and self.revived else ""
+        nnz = f"nnz {self.reference_nnz:,} -> {self.nnz:,}"
+        if self.allow_moves:
+            return f"verified {len(self.modules)} modules (moves allowed): {nnz}, {self.revived:,} non-zeros moved{nm}"
         return (
-            f"verified {len(self.modules)} modules: {0 if self.allow_moves else self.revived:,} of "
-            f"{self.reference_zeros:,} pruned weights non-zero{moved}, nnz {self.reference_nnz:,} -> {self.nnz:,}{nm}"
+            f"verified {len(self.modules)} modules: {self.revived:,} of {self.reference_zeros:,} pruned weights "
+            f"non-zero, {nnz}{nm}"
         )
 
 
