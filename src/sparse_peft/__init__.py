@@ -10,6 +10,7 @@ Importing never initialises CUDA and never compiles: native kernels load lazily 
 from __future__ import annotations
 
 from ._registry import SparsePeftType, register
+from .export import SparsityError, VerifyReport, verify
 from .pruning.report import SparsityReport, sparsity_report
 from .tuners.sparse_lora import SparseLoraConfig, SparseLoraModel, set_sparse_lora_masks
 from .tuners.spiel import SpielConfig, SpielModel, fuse_spiel_adapters, spiel_step
@@ -32,8 +33,11 @@ __all__ = [
     "SparsityReport",
     "SpielConfig",
     "SpielModel",
+    "SparsityError",
+    "VerifyReport",
     "fuse_spiel_adapters",
     "spiel_step",
     "set_sparse_lora_masks",
     "sparsity_report",
+    "verify",
 ]

@@ -25,6 +25,10 @@ EPILOGS = {
     "report": """examples:
   sparse-peft report --model runs/wanda50-merged
   sparse-peft report --model runs/sgpt24 --nm-pattern 2:4 --json""",
+    "export": """examples:
+  sparse-peft export --model runs/wanda50-merged --dtype bf16 --out runs/wanda50-sparse
+  sparse-peft export --model runs/sgpt24-merged --dtype fp16 --format semi-structured --out runs/sgpt24-24
+  sparse-peft export --model runs/wanda50-sparse --format dense --out runs/wanda50-dense""",
     "demo": """examples:
   sparse-peft demo                    # ~10-15 min on 2 CPU cores
   sparse-peft demo --quick            # a couple of minutes: few blocks, few steps
@@ -122,6 +126,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--nm-pattern", default=None)
     p.add_argument("--json", action="store_true")
+
+    p = cmd(
+        "export", "Export a model: compact sparse checkpoint, dense save_pretrained folder, or 2:4 semi-structured."
+    )
+    p.add_argument("--model", default="smollm2", help="a model folder (save_pretrained or sparse), or 'smollm2'")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="default: as stored")
+    p.add_argument("--format", default="sparse", choices=["sparse", "dense", "semi-structured"])
+    p.add_argument("--max-shard-size", default="2GB", help="largest shard file, e.g. 500MB (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (atomically)")
+    p.add_argument("--out", required=True)
 
     p = cmd("demo", "Prune SmolLM2-135M, recover it with the sparse tuners, merge, verify and evaluate: offline.")
     p.add_argument("--quick", action="store_true", help="few eval blocks, calibration samples and steps")
@@ -224,17 +238,16 @@ def _eval(args):
 def _merge(args):
     from . import pipeline
 
+    from .export import verify
+    from .pruning import get_masks
+
     model, tok = _load_with_adapter(args)
-    zeros = pipeline.zero_masks(model)
+    masks = get_masks(model)  # the base's keep masks, before merging
+    moves = any(c.peft_type == "SPIEL" for c in model.peft_config.values())  # SpIEL (SEFT) keeps nnz, not positions
     merged = model.merge_and_unload(progressbar=True)
-    check = pipeline.verify(merged, zeros, args.nm_pattern)
-    if not check.ok:
-        raise pipeline.UserError(f"merging broke the base's sparsity ({check}); nothing was saved.")
+    check = verify(merged, masks, nm_pattern=args.nm_pattern, allow_moves=moves)  # raises before anything is saved
     pipeline.save_model(merged, tok, args.out)
-    print(
-        f"merged and verified: {check.revived} of {check.zeros_before:,} zeros came back, nnz "
-        f"{check.nnz_before:,} -> {check.nnz_after:,}" + (f", {args.nm_pattern} valid" if args.nm_pattern else "")
-    )
+    print(f"merged and {check}")
     print(f"saved the merged model to {args.out}")
 
 
@@ -247,13 +260,27 @@ def _report(args):
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
 
 
+def _export(args):
+    from .export.command import run_export
+
+    run_export(args)
+
+
 def _demo(args):
     from .demo import run_demo
 
     run_demo(args)
 
 
-COMMANDS = {"prune": _prune, "finetune": _finetune, "eval": _eval, "merge": _merge, "report": _report, "demo": _demo}
+COMMANDS = {
+    "prune": _prune,
+    "finetune": _finetune,
+    "eval": _eval,
+    "merge": _merge,
+    "report": _report,
+    "export": _export,
+    "demo": _demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,16 +82,29 @@ class SparsityReport:
 def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``nn.Linear`` / ``Conv1D`` modules that pruning targets: every one except the output head.
 
-    Inside a peft model the wrapped ``base_layer`` is reported under the adapted module's own name.
+    Inside a peft model the wrapped ``base_layer`` is reported under the adapted module's own name, and the
+    adapters' own Linear modules (LoRA's ``lora_A`` / ``lora_B``) are not reported.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tuner_layers = {name for name, module in model.named_modules() if hasattr(module, "base_layer")}
     found = {}
     for name, module in model.named_modules():
         if not isinstance(module, LINEAR_TYPES) or module is head or ".modules_to_save." in name:
             continue
+        if tuner_layers and _inside_adapter(name, tuner_layers):
+            continue
         if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2:
             found[_base_name(name)] = module
     return found
+
+
+def _inside_adapter(name: str, tuner_layers: set[str]) -> bool:
+    """True for a module inside a peft tuner layer other than its ``base_layer`` (e.g. ``...up_proj.lora_A.default``)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in tuner_layers:
+            return parts[i] != "base_layer"
+    return False
 
 
 def _base_name(name: str) -> str:
