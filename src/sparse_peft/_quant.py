@@ -118,7 +118,9 @@ def check_supported(module: nn.Module, name: str, who: str) -> None:
         return
     cls = type(module)
     reason = unsupported_quantization(module)
-    if reason is None:
+    if reason is None and isinstance(module, (nn.Linear, Conv1D)):
+        reason = "only the exact layer types below are supported, not subclasses from elsewhere"
+    elif reason is None:
         reason = "it is not a linear layer"
     if "threshold=" in reason:
         fix = (
