@@ -24,6 +24,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from .._layout import check_writable
 from ..masks import parse_nm
 from .calibration import InputStats, openmp_companion, run_sequential
 from .report import SparsityReport, linear_weight, prunable_modules, sparsity_report
@@ -187,6 +188,7 @@ def repair(
     check_objective(objective)
     if max_cycles < 0:
         raise ValueError(f"max_cycles={max_cycles} must be >= 0.")
+    check_writable(prunable_modules(model), "repair")
     ref = dense_snapshot(dense) if isinstance(dense, nn.Module) else dict(dense)
     missing = [n for n in prunable_modules(model) if n not in ref]
     if missing:

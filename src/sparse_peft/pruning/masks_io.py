@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from .._layout import check_writable
 from ..masks import pack_mask, unpack_mask
 from .report import SparsityReport, linear_weight, prunable_modules, sparsity_report
 
@@ -32,6 +33,7 @@ def apply_masks(
     With ``strict`` every prunable module needs a mask and every mask a module, shapes included.
     """
     modules = prunable_modules(model)
+    check_writable({n: modules[n] for n in masks if n in modules}, "apply_masks")
     if strict:
         missing = sorted(set(modules) - set(masks))
         unknown = sorted(set(masks) - set(modules))

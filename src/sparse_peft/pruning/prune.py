@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .._layout import check_writable
 from ..masks import parse_nm
 from .allocation import block_budgets, layer_budgets, outlier_ratio, owl_block_sparsities
 from .calibration import block_modules, decoder_layers, openmp_companion, run_sequential
@@ -47,6 +48,7 @@ def _check(model, method, sparsity, pattern, allocation, calibration_data, repai
     modules = prunable_modules(model)
     if not modules:
         raise ValueError("the model has no nn.Linear / Conv1D layers to prune (the output head is never pruned).")
+    check_writable(modules, "prune")
     if nm is not None:
         bad = {n: linear_weight(m).shape[1] for n, m in modules.items() if linear_weight(m).shape[1] % nm[1]}
         if bad:

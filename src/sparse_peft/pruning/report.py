@@ -82,8 +82,10 @@ class SparsityReport:
 def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``nn.Linear`` / ``Conv1D`` modules that pruning targets: every one except the output head.
 
-    Inside a peft model the wrapped ``base_layer`` is reported under the adapted module's own name, and the
-    adapters' own Linear modules (LoRA's ``lora_A`` / ``lora_B``) are not reported.
+    bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layers are ``nn.Linear`` subclasses and are included: the report
+    reads their dequantized weight (:func:`linear_weight`), never the packed storage. Inside a peft model the wrapped
+    ``base_layer`` is reported under the adapted module's own name, and the adapters' own Linear modules (LoRA's
+    ``lora_A`` / ``lora_B``) are not reported.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tuner_layers = {name for name, module in model.named_modules() if hasattr(module, "base_layer")}

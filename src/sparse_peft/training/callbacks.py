@@ -65,7 +65,8 @@ def effective_weight(layer) -> torch.Tensor:
 class SparsityCallback(TrainerCallback):
     """Check every ``check_every`` optimizer steps that fine-tuning keeps the base's sparsity.
 
-    At the start of training it records the zero pattern of every adapted layer's base weight (packed to bits).
+    At the start of training it records the zero pattern of every adapted layer's base weight (packed to bits; a
+    bitsandbytes base is read through its dequantized weight).
     Each check builds the effective weight (base + active adapters) and counts
 
     - ``revived``: base zeros that are non-zero in the effective weight, and

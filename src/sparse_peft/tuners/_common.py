@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
+import torch.nn as nn
 from peft.config import PeftConfig
+
+from .. import _quant
+from .._layout import linear_weight
+from ..masks import zero_fingerprint
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -42,25 +47,71 @@ def default_target_modules(model_type: str | None, config_name: str) -> set[str]
     return set(targets)
 
 
+def base_fingerprint(base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """What an adapter records about the base it is made for, as ``int64``: the 128-bit zero-pattern fingerprint of
+    ``weight`` (``base``'s logical weight, :func:`sparse_peft.masks.zero_fingerprint`), followed for a
+    bitsandbytes base by how it was quantized (:func:`sparse_peft._quant.recipe`). Shape ``(2,)`` or ``(5,)``.
+
+    The recipe lets the adapter be loaded onto the full-precision model the quantized base was made from: quantizing
+    that model's weight the same way must give the recorded zero pattern (see :func:`check_zero_fingerprints`).
+    """
+    if weight.device.type == "meta":
+        return torch.zeros(2, dtype=torch.int64)
+    fp = zero_fingerprint(weight)
+    codes = _quant.recipe(base)
+    return fp if codes is None else torch.cat([fp, torch.tensor(codes, dtype=torch.int64)])
+
+
+def _made_from(layer: nn.Module, saved: torch.Tensor) -> bool:
+    """Whether ``layer``'s full-precision base, quantized the way ``saved`` (a quantized base's fingerprint)
+    records, gets the zero pattern the adapter was trained on."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    if saved.numel() <= 2 or _quant.quant_kind(base) is not None:
+        return False
+    weight = linear_weight(base)  # (d_out, d_in)
+    zeros = _quant.zeros_after_quantizing(weight, saved[2:].tolist())
+    return torch.equal(zero_fingerprint(~zeros).to(saved.device), saved[:2])
+
+
 def check_zero_fingerprints(model, state_dict: dict, adapter_name: str, attr: str) -> None:
     """Refuse to load an adapter onto a base whose zero pattern differs from the one it was trained on.
 
     ``state_dict`` is a checkpoint already remapped to the model's keys. Every ``<module>.<attr>.<adapter_name>``
-    entry in it is compared with the fingerprint the freshly injected layer computed from the current base.
+    entry in it is compared with the fingerprint the freshly injected layer computed from the current base. An
+    adapter trained on a bitsandbytes-quantized base also fits the full-precision model that base was quantized from
+    (the zeros it was trained on are that model's pruned zeros plus the weights quantization rounded to zero).
+    Accepted entries are replaced by the current base's fingerprint, which the layer keeps from then on.
     """
     suffix = f".{attr}.{adapter_name}"
     current = {k: v for k, v in model.named_buffers() if k.endswith(suffix)}
     bad = []
-    for key, saved in state_dict.items():
-        if key.endswith(suffix) and key in current:
-            if not torch.equal(saved.to(current[key].device, torch.int64), current[key]):
-                bad.append(key[: -len(suffix)])
+    for key, saved in list(state_dict.items()):
+        now = current.get(key) if key.endswith(suffix) else None
+        if now is None or now.device.type == "meta":
+            continue
+        saved = saved.to(now.device, torch.int64)
+        if torch.equal(saved[:2], now[:2]) or _made_from(model.get_submodule(key[: -len(suffix)]), saved):
+            state_dict[key] = now.clone()
+        else:
+            bad.append((key[: -len(suffix)], saved.numel() > 2, now.numel() > 2))
     if bad:
+        name, saved_q, now_q = bad[0]
+        hint = ""
+        if now_q and not saved_q:
+            hint = (
+                " It was trained on a full-precision base and this base is quantized: quantization rounds small "
+                "weights to zero, so the patterns differ. Merge it into the full-precision model instead."
+            )
+        elif saved_q:
+            hint = (
+                " It was trained on a quantized base: it loads onto that base (same quantization settings) or onto "
+                "the full-precision model that base was quantized from (same dtype)."
+            )
         raise ValueError(
             f"adapter {adapter_name!r} was trained on a base with a different zero pattern: {len(bad)} module(s) "
-            f"differ, first {bad[0]!r}. Loading it would silently change which weights are zero. Load it onto the "
+            f"differ, first {name!r}. Loading it would silently change which weights are zero. Load it onto the "
             "same pruned base it was trained on (re-apply the saved masks with sparse_peft.pruning.apply_masks "
-            "if needed)."
+            f"if needed).{hint}"
         )
 
 

@@ -9,6 +9,11 @@ weight is ``W`` with the slice replaced by ``slice + M ⊙ D`` (``M`` = the slic
 autograd node, so the only activation a column-trained layer keeps for backward is ``x[:, cols]`` (T, k): the frozen
 base matmul needs ``W`` (resident) for ``grad_x`` and nothing else. Backward returns the exact input gradient
 ``g W_eff`` and the weight gradient of the slice only (``sparse_peft.ops.partial_weight_grad``).
+
+On a bitsandbytes base (``Linear4bit`` NF4/FP4, ``Linear8bitLt``) the function gets a callable that dequantizes the
+frozen weight (:mod:`sparse_peft._quant`) in forward and again in backward, so nothing of size ``(d_out, d_in)`` is
+kept in between; merging re-quantizes with the layer's own settings, keeping the zero pattern exactly, and unmerging
+puts the replaced quantized weight back.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
+from ... import _quant
 from ... import ops as _ops
 from ..._layout import LINEAR_TYPES, linear_shape, linear_weight
 from ..._registry import BufferDict
-from ...masks import pack_mask, unpack_mask, zero_fingerprint
+from ...masks import pack_mask, unpack_mask
+from .._common import base_fingerprint
 
-SUPPORTED_LAYERS = LINEAR_TYPES
+SUPPORTED_LAYERS = LINEAR_TYPES  # plus bitsandbytes' Linear4bit / Linear8bitLt, see sparse_peft._quant
 partial_weight_grad = (
     _ops.partial_weight_grad if hasattr(_ops, "partial_weight_grad") else _ops.reference.partial_weight_grad
 )
@@ -40,13 +47,16 @@ def _effective_delta(delta: torch.Tensor, mask: Optional[torch.Tensor]) -> torch
 class S2FTLinearFn(torch.autograd.Function):
     """``F.linear(x, W_eff, bias)`` with ``W_eff`` = ``W`` plus the slice deltas of every active adapter.
 
-    ``specs`` holds one ``(axis, index, mask)`` per delta (``mask``: boolean, shaped like the delta, or ``None``). Saved for backward: ``W`` (the frozen, resident
-    weight), ``x[:, cols]`` per column adapter, and ``x`` itself only if some adapter trains rows.
+    ``specs`` holds one ``(axis, index, mask)`` per delta (``mask``: boolean, shaped like the delta, or ``None``).
+    Saved for backward: ``W`` (the frozen, resident weight), ``x[:, cols]`` per column adapter, and ``x`` itself only
+    if some adapter trains rows. ``weight`` may also be a callable returning ``W`` (a dequantizing bitsandbytes base):
+    it is called in forward and again in backward, and nothing is saved for it.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, specs, *deltas):
-        out = F.linear(x, weight, bias)  # (..., d_out)
+        getter = weight if callable(weight) and not isinstance(weight, torch.Tensor) else None
+        out = F.linear(x, getter() if getter is not None else weight, bias)  # (..., d_out)
         last = out.dim() - 1
         slices, need_x = [], False
         for (axis, idx, mask), d in zip(specs, deltas):
@@ -60,7 +70,8 @@ class S2FTLinearFn(torch.autograd.Function):
                 need_x = True
         ctx.specs, ctx.n_slices, ctx.need_x = specs, len(slices), need_x
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(weight, x if need_x else None, *slices, *deltas)
+        ctx.getter = getter
+        ctx.save_for_backward(None if getter is not None else weight, x if need_x else None, *slices, *deltas)
         return out
 
     @staticmethod
@@ -71,7 +82,8 @@ class S2FTLinearFn(torch.autograd.Function):
         last = g.dim() - 1
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight.to(g.dtype)  # (..., d_in): the frozen part
+            w = ctx.getter() if ctx.getter is not None else weight  # recomputed, e.g. dequantized again
+            grad_x = g @ w.to(g.dtype)  # (..., d_in): the frozen part
             for (axis, idx, mask), d in zip(ctx.specs, deltas):
                 d_eff = _effective_delta(d, mask).to(g.dtype)
                 if axis == "cols":
@@ -111,17 +123,26 @@ class S2FTLayer(BaseTunerLayer):
         self.s2ft_mask = BufferDict({}, persistent=True)  # packed non-zero mask of the slice; empty = no zeros
         self.s2ft_fingerprint = BufferDict({}, persistent=True)  # zero pattern of the whole base weight
         self.s2ft_axis: dict[str, str] = {}
-        self._s2ft_unmerge: list[tuple[str, torch.Tensor]] = []  # (adapter, slice before merge): exact unmerge
+        # (adapter, slice before merge) for an exact unmerge; on a bitsandbytes base the replaced quantized weight
+        self._s2ft_unmerge: list[tuple[str, Any]] = []
         self._disable_adapters = False
         self.merged_adapters = []
+        self.module_name: str = kwargs.pop("module_name", "")  # for error messages only
         self.kwargs = kwargs
         base = self.get_base_layer()
-        if not isinstance(base, LINEAR_TYPES):
-            raise TypeError(f"S2FT supports nn.Linear and transformers Conv1D, got {type(base).__name__}.")
+        _quant.check_supported(base, self.module_name, "S2FT")
+        if _quant.quant_kind(base) == "4bit":
+            base.support_avx512bf16_for_cpu = False  # bnb issue 2078: never repack this weight in place
         self.out_features, self.in_features = linear_shape(base)
 
+    @property
+    def quant_kind(self) -> Optional[str]:
+        """``"4bit"`` / ``"8bit"`` for a bitsandbytes base, else ``None``."""
+        return _quant.quant_kind(self.get_base_layer())
+
     def _linear_weight(self) -> torch.Tensor:
-        """The base weight in ``nn.Linear`` layout ``(d_out, d_in)`` (a transposed view for Conv1D)."""
+        """The base weight in ``nn.Linear`` layout ``(d_out, d_in)`` (a transposed view for Conv1D, a fresh
+        dequantized tensor for a bitsandbytes base)."""
         return linear_weight(self.get_base_layer())
 
     def update_layer(
@@ -152,7 +173,7 @@ class S2FTLayer(BaseTunerLayer):
                 pack_mask(keep) if not bool(keep.all()) else torch.zeros(0, dtype=torch.uint8, device=weight.device)
             )
             self.s2ft_mask[adapter_name] = packed
-            self.s2ft_fingerprint[adapter_name] = zero_fingerprint(weight).to(weight.device)
+            self.s2ft_fingerprint[adapter_name] = base_fingerprint(self.get_base_layer(), weight).to(weight.device)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -208,11 +229,15 @@ class Linear(nn.Module, S2FTLayer):
         self.update_layer(adapter_name, axis, index, init_weights, preserve_sparsity)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Scatter ``slice + M ⊙ D`` into the base weight; the old slice is kept so unmerge is exact."""
-        w = self._linear_weight()
+        """Scatter ``slice + M ⊙ D`` into the base weight; the old slice is kept so unmerge is exact.
+
+        A bitsandbytes base is dequantized, changed the same way and re-quantized keeping the zero pattern
+        (:func:`sparse_peft._quant.requantize`); the replaced quantized weight is kept instead of the slice.
+        """
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.s2ft_delta:
                 continue
+            w = self._linear_weight()  # (d_out, d_in): the weight itself, or a fresh dequantized copy
             dim = 0 if self.s2ft_axis[name] == "rows" else 1
             idx = self.s2ft_index[name]
             old = w.data.index_select(dim, idx)  # (d_out, k) or (k, d_in)
@@ -220,6 +245,8 @@ class Linear(nn.Module, S2FTLayer):
             if safe_merge and not torch.isfinite(new).all():
                 raise ValueError(f"NaNs or infs detected while merging adapter {name!r}; the model is unchanged.")
             w.data.index_copy_(dim, idx, new)
+            if self.quant_kind is not None:
+                old = _quant.requantize(self.get_base_layer(), w, self.module_name)
             self._s2ft_unmerge.append((name, old))
             self.merged_adapters.append(name)
 
@@ -227,11 +254,14 @@ class Linear(nn.Module, S2FTLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        w = self._linear_weight()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             saved_name, old = self._s2ft_unmerge.pop()
             assert saved_name == name, "S2FT merge bookkeeping out of order"
+            if self.quant_kind is not None:
+                _quant.restore(self.get_base_layer(), old)
+                continue
+            w = self._linear_weight()
             dim = 0 if self.s2ft_axis[name] == "rows" else 1
             w.data.index_copy_(dim, self.s2ft_index[name], old.to(w.device))
 
@@ -239,16 +269,32 @@ class Linear(nn.Module, S2FTLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.s2ft_delta]
         if not active:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         specs = tuple((self.s2ft_axis[a], self.s2ft_index[a], self.slice_mask(a)) for a in active)
-        return S2FTLinearFn.apply(
-            x, self._linear_weight(), self.get_base_layer().bias, specs, *(self.s2ft_delta[a] for a in active)
-        )
+        deltas = (self.s2ft_delta[a] for a in active)
+        base = self.get_base_layer()
+        if self.quant_kind is None:
+            return S2FTLinearFn.apply(x, self._linear_weight(), base.bias, specs, *deltas)
+        dtype = _quant.compute_dtype(base, x)  # as bitsandbytes computes
+        bias = None if base.bias is None else base.bias.to(dtype)
+        weight = self._dequantized_as(dtype)
+        return S2FTLinearFn.apply(x.to(dtype), weight, bias, specs, *deltas).to(x.dtype)
+
+    def _dequantized_as(self, dtype: torch.dtype):
+        """A callable giving the dequantized base weight ``(d_out, d_in)`` in ``dtype`` (called in forward and again
+        in backward, so the dense weight is never kept)."""
+        return lambda: _quant.dequantize(self.get_base_layer(), self.module_name).to(dtype)
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer alone; a bitsandbytes base through its dequantized weight (bitsandbytes issue 2078)."""
+        if self.quant_kind is None:
+            return self.base_layer(x, *args, **kwargs)
+        return _quant.linear(self.get_base_layer(), x, self.module_name)
 
     def __repr__(self) -> str:
         return "s2ft." + super().__repr__()

@@ -9,10 +9,11 @@ import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
+from ... import _quant
 from ..._registry import SparsePeftType
 from .._common import check_zero_fingerprints
 from .config import DATA_STRATEGIES, S2FTConfig
-from .layer import SUPPORTED_LAYERS, Linear, S2FTLayer
+from .layer import Linear, S2FTLayer
 from .selection import DEFAULT_TARGET_MODULES, block_of, model_geometries, plan, slice_indices
 
 
@@ -49,6 +50,11 @@ class S2FTModel(BaseTuner):
             peft_config.target_modules = set(targets)
         return peft_config
 
+    def _prepare_model(self, peft_config, model: nn.Module) -> None:
+        """Guard every ``Linear4bit`` of the model against bitsandbytes issue 2078 (:func:`_quant.guard_repacking`)."""
+        super()._prepare_model(peft_config, model)
+        _quant.guard_repacking(model)
+
     def _ensure_selection(self, config: S2FTConfig) -> None:
         """Fill ``config.selection`` (random/weight strategies) the first time an adapter is injected."""
         if config.selection is not None:
@@ -64,11 +70,7 @@ class S2FTModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         self._ensure_selection(config)
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if type(base) not in SUPPORTED_LAYERS:
-            raise TypeError(
-                f"S2FT cannot adapt module {current_key!r} of type {type(base).__name__}: only torch.nn.Linear and "
-                "transformers' Conv1D are supported. Remove it from target_modules (or add it to exclude_modules)."
-            )
+        _quant.check_supported(base, current_key, "S2FT")
         if not hasattr(self, "_s2ft_geometries"):
             self._s2ft_geometries = model_geometries(self.model)
         block = block_of(current_key)
@@ -87,7 +89,7 @@ class S2FTModel(BaseTuner):
         if isinstance(target, Linear):
             target.update_layer(adapter_name, **layer_kwargs)
             return
-        new_module = Linear(target, adapter_name, **layer_kwargs)
+        new_module = Linear(target, adapter_name, module_name=current_key, **layer_kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

@@ -38,6 +38,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
 
+from ... import _quant
 from ..._layout import LINEAR_TYPES, linear_shape, linear_weight
 from .config import DATA_STRATEGIES, S2FTConfig
 
@@ -243,8 +244,16 @@ def _activation_scores(model, anchors, batches) -> dict[tuple[str, str], torch.T
 
 def _gradient_scores(model, anchors, batches, with_weight: bool) -> dict[tuple[str, str], torch.Tensor]:
     """Σ |∂L/∂W| (or Σ |W ⊙ ∂L/∂W|) per input column of every anchor, from one backward per batch."""
-    flags = {p: p.requires_grad for p in model.parameters()}
     params = [((block, unit), module) for block, pair in anchors.items() for unit, (_, module) in pair.items()]
+    quantized = [name for pair in anchors.values() for name, m in pair.values() if _quant.quant_kind(m) is not None]
+    if quantized:
+        raise ValueError(
+            f"S2FT strategies 'sensitivity' and 'gradient' need the weight gradient of {quantized[0]!r}, which a "
+            "bitsandbytes-quantized layer does not have. Run s2ft_select on the full-precision model (the choice is "
+            "stored in config.selection and applies to its quantized copy), or use strategy 'weight', "
+            "'activation' or 'random'."
+        )
+    flags = {p: p.requires_grad for p in model.parameters()}
     sums: dict[tuple[str, str], torch.Tensor] = {}
     try:
         for p in flags:
@@ -352,6 +361,7 @@ def s2ft_select(
     """
     if not isinstance(config, S2FTConfig):
         raise TypeError(f"s2ft_select needs an S2FTConfig, got {type(config).__name__}.")
+    _quant.guard_repacking(model)  # the forwards below are no-grad evals: bitsandbytes issue 2078
     was_training = model.training
     model.eval()
     try:

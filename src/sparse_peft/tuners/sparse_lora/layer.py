@@ -6,14 +6,13 @@ backward. Unlike LoRS it keeps the mask in the gradient, so ``grad_A`` and ``gra
 dense formulation.
 
 bitsandbytes bases (``Linear4bit`` NF4/FP4, ``Linear8bitLt``) are handled QLoRA-style: the function gets a callable
-that dequantizes the base weight, calls it in forward and again in backward, and keeps nothing of size
-``(d_out, d_in)`` in between. bitsandbytes is never imported here; it is looked up only when it is already loaded.
+that dequantizes the base weight (:mod:`sparse_peft._quant`), calls it in forward and again in backward, and keeps
+nothing of size ``(d_out, d_in)`` in between.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -23,105 +22,12 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
+from ... import _quant
 from ..._registry import BufferDict
-from ...masks import nm_mask, pack_mask, parse_nm, unpack_mask, unpack_mask_as, zero_fingerprint
+from ...masks import nm_mask, pack_mask, parse_nm, unpack_mask, unpack_mask_as
+from .._common import base_fingerprint
 
-SUPPORTED_LAYERS = (nn.Linear, Conv1D)  # plus bitsandbytes' Linear4bit / Linear8bitLt, see is_supported_layer
-
-BNB_2078 = (
-    "bitsandbytes issue 2078: on CPUs with AVX512-BF16, a no-grad eval forward through bitsandbytes' own "
-    "Linear4bit.forward repacks the 4-bit weight in place, after which dequantizing it gives wrong values, merges "
-    "come out wrong and gradients stop"
-)
-
-
-def _bnb_kind(module: nn.Module) -> Optional[str]:
-    """``"4bit"`` for bitsandbytes ``Linear4bit`` (NF4/FP4), ``"8bit"`` for ``Linear8bitLt``, else ``None``."""
-    bnb = sys.modules.get("bitsandbytes")  # a bnb layer implies bnb is loaded; never import it ourselves
-    if bnb is None:
-        return None
-    if isinstance(module, bnb.nn.Linear4bit):
-        return "4bit"
-    if isinstance(module, bnb.nn.Linear8bitLt):
-        return "8bit"
-    return None
-
-
-def is_supported_layer(module: nn.Module) -> bool:
-    """``nn.Linear``, transformers ``Conv1D``, or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``."""
-    return type(module) in SUPPORTED_LAYERS or _bnb_kind(module) is not None
-
-
-def is_repacked_for_cpu(module: nn.Module) -> bool:
-    """True when bitsandbytes has repacked this ``Linear4bit``'s weight for its AVX512-BF16 CPU kernel (issue 2078)."""
-    state = getattr(getattr(module, "weight", None), "quant_state", None)
-    return bool(getattr(state, "packing_format_for_cpu", False))
-
-
-def check_not_repacked(module: nn.Module, module_name: str = "") -> None:
-    """Raise a clear error when ``module``'s 4-bit weight was repacked in place (bitsandbytes issue 2078)."""
-    if is_repacked_for_cpu(module):
-        where = f" of module {module_name!r}" if module_name else ""
-        raise RuntimeError(
-            f"The 4-bit weight{where} is in bitsandbytes' CPU inference layout ({BNB_2078}). SparseLoRA cannot use "
-            "it. Fix: reload the quantized model and call get_peft_model before any eval/no-grad forward; sparse_peft "
-            "then sets support_avx512bf16_for_cpu=False on every Linear4bit, which stops the repacking (do the same "
-            "yourself before running inference on a bare 4-bit model)."
-        )
-
-
-def _dequantize(base: nn.Module, kind: str, module_name: str = "") -> torch.Tensor:
-    """The dense weight of a bitsandbytes layer, ``(d_out, d_in)``, in a fresh tensor."""
-    import bitsandbytes as bnb  # already loaded: _bnb_kind found it
-
-    w = base.weight
-    if kind == "4bit":
-        check_not_repacked(base, module_name)
-        if getattr(w, "quant_state", None) is None:
-            raise RuntimeError(
-                f"the Linear4bit {module_name!r} is not quantized yet; move it to a device first "
-                "(module.to('cpu') or .cuda()) so bitsandbytes quantizes it."
-            )
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state)  # (d_out, d_in), quant_state.dtype
-    if w.dtype != torch.int8:
-        raise TypeError(
-            f"the Linear8bitLt {module_name!r} holds a {w.dtype} weight (has_fp16_weights=True or not "
-            "quantized yet); SparseLoRA supports int8-quantized Linear8bitLt only."
-        )
-    scb = w.SCB if getattr(w, "SCB", None) is not None else base.state.SCB  # bnb moves SCB to state on forward
-    return bnb.functional.int8_vectorwise_dequant(w.data, scb)  # (d_out, d_in) fp32
-
-
-def _requantize(base: nn.Module, kind: str, dense: torch.Tensor) -> None:
-    """Replace the weight of a bitsandbytes layer by ``dense`` ``(d_out, d_in)``, quantized like the old one."""
-    import bitsandbytes as bnb
-
-    old = base.weight
-    if kind == "4bit":
-        qs = old.quant_state
-        data, state = bnb.functional.quantize_4bit(
-            dense.to(qs.dtype).contiguous(),
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-        )
-        base.weight = bnb.nn.Params4bit(
-            data,
-            requires_grad=False,
-            quant_state=state,
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-            module=base,
-            bnb_quantized=True,
-        )
-        base.quant_state = state
-        return
-    cb, scb, _ = bnb.functional.int8_vectorwise_quant(dense.to(torch.float16).contiguous())  # as Int8Params does
-    base.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
-    base.state.reset_grads()
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)  # plus bitsandbytes' Linear4bit / Linear8bitLt, see sparse_peft._quant
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -286,25 +192,16 @@ class SparseLoraLayer(BaseTunerLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.exact_gradient: dict[str, bool] = {}  # False: LoRS-style gradient without the mask
+        self._quant_merge_saved: list = []  # quantized weights replaced by merges, for an exact unmerge
         self._disable_adapters = False
         self.merged_adapters = []
         self.module_name: str = kwargs.pop("module_name", "")  # for error messages only
         self.kwargs = kwargs
         base = self.get_base_layer()
-        if isinstance(base, Conv1D):
-            d_in, d_out = base.weight.shape
-        elif _bnb_kind(base) is not None:  # the packed weight's shape says nothing; nn.Linear's fields do
-            d_out, d_in = base.out_features, base.in_features
-            if _bnb_kind(base) == "4bit":
-                base.support_avx512bf16_for_cpu = False  # bnb issue 2078: never repack this weight in place
-        elif isinstance(base, nn.Linear):
-            d_out, d_in = base.weight.shape
-        else:  # guarded by the model, kept for direct use
-            raise TypeError(
-                f"SparseLoRA supports nn.Linear, transformers Conv1D and bitsandbytes Linear4bit / "
-                f"Linear8bitLt, got {type(base).__name__}."
-            )
-        self.in_features, self.out_features = d_in, d_out
+        _quant.check_supported(base, self.module_name, "SparseLoRA")
+        if _quant.quant_kind(base) == "4bit":
+            base.support_avx512bf16_for_cpu = False  # bnb issue 2078: never repack this weight in place
+        self.out_features, self.in_features = _quant.logical_shape(base)
 
     # ---- weight views ---------------------------------------------------------------------------------------
     @property
@@ -314,17 +211,12 @@ class SparseLoraLayer(BaseTunerLayer):
     @property
     def quant_kind(self) -> Optional[str]:
         """``"4bit"`` / ``"8bit"`` for a bitsandbytes base, else ``None``."""
-        return _bnb_kind(self.get_base_layer())
+        return _quant.quant_kind(self.get_base_layer())
 
     def _linear_weight(self) -> torch.Tensor:
         """The base weight as ``nn.Linear`` stores it, ``(d_out, d_in)``: a view for Conv1D, a fresh dequantized
         tensor for a bitsandbytes base (which is why forward passes this method, not its result, for those)."""
-        base = self.get_base_layer()
-        kind = _bnb_kind(base)
-        if kind is not None:
-            return _dequantize(base, kind, self.module_name)
-        w = base.weight
-        return w.t() if self._fan_in_fan_out else w
+        return _quant.logical_weight(self.get_base_layer(), self.module_name)
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -373,7 +265,7 @@ class SparseLoraLayer(BaseTunerLayer):
         else:  # "base", and "custom" until set_sparse_lora_masks is called
             mask = weight != 0
         self.sparse_lora_mask[adapter_name] = pack_mask(mask)
-        fp = zero_fingerprint(weight) if weight.device.type != "meta" else torch.zeros(2, dtype=torch.int64)
+        fp = base_fingerprint(self.get_base_layer(), weight)
         self.sparse_lora_fingerprint[adapter_name] = fp.to(weight.device)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -462,11 +354,17 @@ class Linear(nn.Module, SparseLoraLayer):
         w.data.copy_(torch.where(keep, w.data, new))
 
     def _write_delta_quantized(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
-        """Dequantize, add ``sign · s M ⊙ BA`` (outside M the dequantized value is kept bit for bit), re-quantize.
+        """Merge: dequantize, add ``s M ⊙ BA`` (outside M the dequantized value is kept bit for bit), re-quantize
+        keeping the zero pattern. Unmerge (``sign < 0``): put back the quantized weight the merge replaced, exactly.
 
         Lossy for non-zeros, as in peft's LoRA: re-quantization rounds every value of a block again, with a new
-        absmax. Zeros stay exactly zero: 0 maps to the exact zero code of NF4, FP4 and int8.
+        absmax. Zeros stay exactly zero (0 maps to the exact zero code of NF4, FP4 and int8), and no non-zero is
+        rounded to zero (see :func:`sparse_peft._quant.requantize`).
         """
+        base = self.get_base_layer()
+        if sign < 0:
+            _quant.restore(base, self._quant_merge_saved.pop())
+            return
         if self.quant_kind == "4bit":
             warnings.warn(
                 "Merging SparseLoRA into a 4-bit base re-quantizes the weight: non-zero values change by "
@@ -474,10 +372,11 @@ class Linear(nn.Module, SparseLoraLayer):
             )
         w = self._linear_weight()  # (d_out, d_in) dequantized, fresh
         delta = self.get_delta_weight(adapter_name)  # (d_out, d_in) fp32, exactly 0 outside M
-        new = (w.float() + sign * delta).to(w.dtype)
+        new = (w.float() + delta).to(w.dtype)
         if safe_merge and not torch.isfinite(new).all():
             raise ValueError(f"NaNs or infs detected while merging adapter {adapter_name!r}; the model is unchanged.")
-        _requantize(self.get_base_layer(), self.quant_kind, torch.where(self.get_mask(adapter_name), new, w))
+        merged = torch.where(self.get_mask(adapter_name), new, w)  # (d_out, d_in)
+        self._quant_merge_saved.append(_quant.requantize(base, merged, self.module_name))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         for name in check_adapters_to_merge(self, adapter_names):
@@ -518,7 +417,7 @@ class Linear(nn.Module, SparseLoraLayer):
         base = self.get_base_layer()
         if self.quant_kind is None:
             return MaskedLoraLinearFn.apply(x, self._linear_weight(), base.bias, *fn_args)
-        dtype = getattr(base, "compute_dtype", None) or x.dtype
+        dtype = _quant.compute_dtype(base, x)
         bias = None if base.bias is None else base.bias.to(dtype)
         return MaskedLoraLinearFn.apply(x.to(dtype), self._linear_weight, bias, *fn_args).to(x.dtype)
 

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
+from ... import _quant
 from ..._registry import SparsePeftType
 from .._common import DEFAULT_TARGET_MODULES, check_zero_fingerprints, default_target_modules
-from .layer import Linear, SparseLoraLayer, _bnb_kind, check_not_repacked, is_supported_layer
+from .layer import Linear, SparseLoraLayer
 
 
 class SparseLoraModel(BaseTuner):
@@ -41,18 +42,9 @@ class SparseLoraModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config, model: nn.Module) -> None:
-        """Guard against bitsandbytes issue 2078 on every ``Linear4bit`` of the model, adapted or not.
-
-        On CPUs with AVX512-BF16, bitsandbytes' own no-grad eval forward repacks a 4-bit weight in place; gradients
-        then stop flowing through that layer and dequantizing it gives wrong values. Switching the repacking off
-        keeps bitsandbytes on its ordinary (slower on that CPU, but correct) path; a weight that is already repacked
-        is refused with a clear error.
-        """
+        """Guard every ``Linear4bit`` of the model against bitsandbytes issue 2078 (:func:`_quant.guard_repacking`)."""
         super()._prepare_model(peft_config, model)
-        for name, module in model.named_modules():
-            if _bnb_kind(module) == "4bit":
-                check_not_repacked(module, name)
-                module.support_avx512bf16_for_cpu = False
+        _quant.guard_repacking(model)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         layer_kwargs = dict(
@@ -68,12 +60,7 @@ class SparseLoraModel(BaseTuner):
             target.update_layer(adapter_name, **layer_kwargs)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not is_supported_layer(base):
-            raise TypeError(
-                f"SparseLoRA cannot adapt module {current_key!r} of type {type(base).__name__}: only torch.nn.Linear, "
-                "transformers' Conv1D and bitsandbytes' Linear4bit / Linear8bitLt are supported. Remove it from "
-                "target_modules (or add it to exclude_modules)."
-            )
+        _quant.check_supported(base, current_key, "SparseLoRA")
         new_module = Linear(target, adapter_name, module_name=current_key, **layer_kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

@@ -10,6 +10,10 @@ prunes its *partner*, an active base weight of the same group chosen by lowest s
 reselection (see :mod:`.regrowth`). So every adapter, applied to any weight, keeps that weight's number of non-zeros
 per group (per module, or per N:M group) exactly. Forward, backward and merge use one function to build the weight,
 so what merge writes is what the model computed.
+
+On a bitsandbytes base (``Linear4bit`` NF4/FP4, ``Linear8bitLt``) the base weight is dequantized for each forward
+and again in backward (:mod:`sparse_peft._quant`); merging re-quantizes with the layer's own settings, keeping the
+merged weight's zero pattern exactly, and unmerging puts the replaced quantized weight back.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
+from ... import _quant
 from ... import ops as _ops
 from ..._layout import LINEAR_TYPES, linear_shape, linear_weight
 from ..._registry import BufferDict
-from ...masks import parse_nm, zero_fingerprint
+from ...masks import parse_nm
+from .._common import base_fingerprint
 from . import regrowth
 
-SUPPORTED_LAYERS = LINEAR_TYPES
+SUPPORTED_LAYERS = LINEAR_TYPES  # plus bitsandbytes' Linear4bit / Linear8bitLt, see sparse_peft._quant
 INIT_STD = 0.1  # init_weights=False: values ~ N(0, INIT_STD^2)
 _NM_GROUPS = (4, 8, 16)  # M of the N:M patterns detected on SEFT bases (N <= M/2)
 
@@ -121,12 +127,15 @@ class SpielLayer(BaseTunerLayer):
         self._spiel_ma: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # MA: EMA rows (d_out,), cols (d_in,)
         self._spiel_ma_step: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # MA: sums of this optimizer step
         self._spiel_merge_saved: list[tuple] = []  # base values overwritten by merge, for an exact unmerge
+        self._quant_merge_saved: list = []  # bitsandbytes base: the quantized weights merges replaced
         self._disable_adapters = False
         self.merged_adapters = []
+        self.module_name: str = kwargs.pop("module_name", "")  # for error messages only
         self.kwargs = kwargs
         base = self.get_base_layer()
-        if not isinstance(base, LINEAR_TYPES):
-            raise TypeError(f"SpIEL supports nn.Linear and transformers Conv1D, got {type(base).__name__}.")
+        _quant.check_supported(base, self.module_name, "SpIEL")
+        if _quant.quant_kind(base) == "4bit":
+            base.support_avx512bf16_for_cpu = False  # bnb issue 2078: never repack this weight in place
         self.out_features, self.in_features = linear_shape(base)
 
     # ---- layouts ---------------------------------------------------------------------------------------------
@@ -134,9 +143,27 @@ class SpielLayer(BaseTunerLayer):
     def _fan_in_fan_out(self) -> bool:
         return isinstance(self.get_base_layer(), Conv1D)
 
+    @property
+    def quant_kind(self) -> Optional[str]:
+        """``"4bit"`` / ``"8bit"`` for a bitsandbytes base, else ``None``."""
+        return _quant.quant_kind(self.get_base_layer())
+
     def _linear_weight(self) -> torch.Tensor:
-        """The base weight in ``nn.Linear`` layout ``(d_out, d_in)`` (a transposed view for Conv1D)."""
+        """The base weight in ``nn.Linear`` layout ``(d_out, d_in)`` (a transposed view for Conv1D, a fresh
+        dequantized tensor for a bitsandbytes base)."""
         return linear_weight(self.get_base_layer())
+
+    def _storage_weight(self) -> torch.Tensor:
+        """The base weight, detached, in its storage layout ``_storage_shape``: the parameter itself, or for a
+        bitsandbytes base a fresh dequantized ``(d_out, d_in)`` tensor."""
+        base = self.get_base_layer()
+        if _quant.quant_kind(base) is not None:
+            return _quant.dequantize(base, self.module_name)
+        return base.weight.detach()
+
+    @property
+    def _storage_shape(self) -> tuple[int, int]:
+        return (self.in_features, self.out_features) if self._fan_in_fan_out else (self.out_features, self.in_features)
 
     def _as_linear(self, w_storage: torch.Tensor) -> torch.Tensor:
         return w_storage.t() if self._fan_in_fan_out else w_storage
@@ -220,7 +247,7 @@ class SpielLayer(BaseTunerLayer):
         device = weight.device
         self.spiel_indices[adapter_name] = idx.to(device=device, dtype=idt)
         self.spiel_partners[adapter_name] = torch.full((k,), regrowth.NO_PARTNER, device=device, dtype=idt)
-        self.spiel_fingerprint[adapter_name] = zero_fingerprint(weight).to(device)
+        self.spiel_fingerprint[adapter_name] = base_fingerprint(self.get_base_layer(), weight).to(device)
 
     # ---- the effective weight ----------------------------------------------------------------------------------
     def _build_weight(
@@ -230,13 +257,13 @@ class SpielLayer(BaseTunerLayer):
 
         With ``kills=None`` the SEFT kill positions are computed (and returned); otherwise the given ones are used.
         """
-        w = self.get_base_layer().weight.detach()
-        flat = w.reshape(-1).clone()  # (numel,) transient, contiguous
+        w = self._storage_weight()
+        flat = w.reshape(-1) if self.quant_kind is not None else w.reshape(-1).clone()  # (numel,) transient
         out = []
         for i, a in enumerate(adapters):
             given = None if kills is None else kills[i]
             out.append(self._apply_adapter(flat, a, values[i], given))
-        return flat.view(w.shape), out
+        return flat.view(self._storage_shape), out
 
     def _apply_adapter(
         self,
@@ -284,7 +311,7 @@ class SpielLayer(BaseTunerLayer):
         idx = self.spiel_indices[adapter].long()  # linear layout
         excess = torch.zeros(n_groups, dtype=torch.long, device=flat.device)
         excess.index_add_(0, idx // group, (new != 0).long() - (old != 0).long())  # (n_groups,)
-        lin = self._as_linear(flat.view(self.get_base_layer().weight.shape)).reshape(-1)  # (numel,) linear layout
+        lin = self._as_linear(flat.view(self._storage_shape)).reshape(-1)  # (numel,) linear layout
         gained = (old == 0) & (new != 0)
         p = self.spiel_partners[adapter][gained].long()
         p = p[p >= 0]
@@ -421,10 +448,10 @@ class SpielLayer(BaseTunerLayer):
     # ---- peft behaviours ---------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense delta ``W_eff - W`` of one adapter in fp32, ``(d_out, d_in)`` (SEFT kills included)."""
-        w = self.get_base_layer().weight.detach()
-        flat = w.reshape(-1).float().clone()
+        w = self._storage_weight().reshape(-1).float()  # (numel,)
+        flat = w.clone()
         self._apply_adapter(flat, adapter_name, self.spiel_values[adapter_name])
-        return self._as_linear((flat - w.reshape(-1).float()).view(w.shape))
+        return self._as_linear((flat - w).view(self._storage_shape))
 
 
 class Linear(nn.Module, SpielLayer):
@@ -449,6 +476,8 @@ class Linear(nn.Module, SpielLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Scatter the values into ``W`` (and zero the SEFT kills). Saves the k overwritten base values."""
+        if self.quant_kind is not None:
+            return self._merge_quantized(safe_merge, adapter_names)
         w = self.get_base_layer().weight
         if not w.is_contiguous():
             raise RuntimeError("SpIEL merge needs a contiguous base weight.")
@@ -467,6 +496,20 @@ class Linear(nn.Module, SpielLayer):
             self._spiel_merge_saved.append((name, idx_s, old, kill, kill_old))
             self.merged_adapters.append(name)
 
+    def _merge_quantized(self, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
+        """Dequantize, apply the adapter as forward does (values and SEFT kills), re-quantize keeping the zero
+        pattern (so SEFT's non-zero count survives); the replaced quantized weight is kept for an exact unmerge."""
+        base = self.get_base_layer()
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.spiel_values:
+                continue
+            flat = self._storage_weight().reshape(-1)  # (numel,) dequantized, fresh
+            self._apply_adapter(flat, name, self.spiel_values[name])
+            if safe_merge and not torch.isfinite(flat).all():
+                raise ValueError(f"NaNs or infs detected while merging adapter {name!r}; the model is unchanged.")
+            self._quant_merge_saved.append(_quant.requantize(base, flat.view(self.weight_shape), self.module_name))
+            self.merged_adapters.append(name)
+
     @staticmethod
     def _restore(flat, idx_s, old, kill, kill_old) -> None:
         if kill.numel():
@@ -477,6 +520,11 @@ class Linear(nn.Module, SpielLayer):
         """Write back the saved base values: exact in every dtype."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
+            return
+        if self.quant_kind is not None:
+            while self.merged_adapters:
+                self.merged_adapters.pop()
+                _quant.restore(self.get_base_layer(), self._quant_merge_saved.pop())
             return
         flat = self.get_base_layer().weight.data.view(-1)
         while self.merged_adapters:
@@ -489,14 +537,25 @@ class Linear(nn.Module, SpielLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         active = tuple(a for a in self.active_adapters if a in self.spiel_values)
         if not active:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        return SpielLinearFn.apply(x, base.weight, base.bias, self, active, *(self.spiel_values[a] for a in active))
+        values = (self.spiel_values[a] for a in active)
+        if self.quant_kind is None:
+            return SpielLinearFn.apply(x, base.weight, base.bias, self, active, *values)
+        dtype = _quant.compute_dtype(base, x)  # as bitsandbytes computes; the weight is dequantized inside
+        bias = None if base.bias is None else base.bias.to(dtype)
+        return SpielLinearFn.apply(x.to(dtype), None, bias, self, active, *values).to(x.dtype)
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer alone; a bitsandbytes base through its dequantized weight (bitsandbytes issue 2078)."""
+        if self.quant_kind is None:
+            return self.base_layer(x, *args, **kwargs)
+        return _quant.linear(self.get_base_layer(), x, self.module_name)
 
     def __repr__(self) -> str:
         return "spiel." + super().__repr__()

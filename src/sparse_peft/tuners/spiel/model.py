@@ -26,6 +26,8 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
+from ... import _quant
+from ..._layout import linear_shape, linear_weight
 from ..._registry import SparsePeftType
 from .._common import DEFAULT_TARGET_MODULES, check_zero_fingerprints, default_target_modules
 from . import regrowth
@@ -160,6 +162,11 @@ class SpielModel(BaseTuner):
             peft_config.target_modules = default_target_modules(model_config.get("model_type"), "SpielConfig")
         return peft_config
 
+    def _prepare_model(self, peft_config, model: nn.Module) -> None:
+        """Guard every ``Linear4bit`` of the model against bitsandbytes issue 2078 (:func:`_quant.guard_repacking`)."""
+        super()._prepare_model(peft_config, model)
+        _quant.guard_repacking(model)
+
     def _targets(self, config) -> list[nn.Module]:
         """The base layers that ``config`` targets (inside existing SpIEL layers too)."""
         found = []
@@ -167,7 +174,7 @@ class SpielModel(BaseTuner):
             if not self._check_target_module_exists(config, key):
                 continue
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if isinstance(base, SUPPORTED_LAYERS):
+            if isinstance(base, SUPPORTED_LAYERS) and _quant.is_supported(base):
                 found.append(base)
         return found
 
@@ -177,9 +184,11 @@ class SpielModel(BaseTuner):
         if adapter_name in resolved:
             return
         targets = self._targets(config)
-        numel = sum(m.weight.numel() for m in targets) or 1
-        if config.preserve_sparsity is None:
-            fractions = [float((m.weight == 0).float().mean()) for m in targets if m.weight.device.type != "meta"]
+        numel = sum(d_out * d_in for d_out, d_in in map(linear_shape, targets)) or 1
+        if config.preserve_sparsity is None:  # logical weights: a bitsandbytes base is dequantized
+            fractions = [
+                float((linear_weight(m) == 0).float().mean()) for m in targets if m.weight.device.type != "meta"
+            ]
             sparse = bool(fractions) and max(fractions) >= SPARSE_BASE_ZERO_FRACTION
             config.preserve_sparsity = sparse
             if sparse:
@@ -203,12 +212,8 @@ class SpielModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         self._resolve(config, adapter_name)
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if type(base) not in SUPPORTED_LAYERS:
-            raise TypeError(
-                f"SpIEL cannot adapt module {current_key!r} of type {type(base).__name__}: only torch.nn.Linear and "
-                "transformers' Conv1D are supported. Remove it from target_modules (or add it to exclude_modules)."
-            )
-        d_in, d_out = base.weight.shape if type(base) is not nn.Linear else base.weight.shape[::-1]
+        _quant.check_supported(base, current_key, "SpIEL")
+        d_out, d_in = linear_shape(base)
         layer_kwargs = dict(
             k=self._budget(config, adapter_name, d_out, d_in),
             init_weights=config.init_weights,
@@ -221,7 +226,7 @@ class SpielModel(BaseTuner):
             target.update_layer(adapter_name, **layer_kwargs)
             layer = target
         else:
-            layer = Linear(target, adapter_name, **layer_kwargs)
+            layer = Linear(target, adapter_name, module_name=current_key, **layer_kwargs)
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, target)
