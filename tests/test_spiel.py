@@ -1,10 +1,10 @@
-"""SpIEL specifics: exact gradients, drop-and-grow, optimizer reset, SEFT counts, trainers, DDP and bad input."""
+"""SpIEL specifics: exact gradients, drop-and-grow, optimizer reset, SEFT counts, trainers and bad input (DDP, FSDP2
+and resume: test_distributed.py, test_resume.py)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 
 import pytest
 import torch
@@ -515,50 +515,3 @@ def test_sft_trainer_with_only_peft_config_reselects(tmp_path, callback, caplog)
     assert all(now[n][0].numel() == first[n][0].numel() for n in first)
     merged = model.merge_and_unload()
     assert all(int((linear_weight(m) != 0).sum()) == nnz[n] for n, m in prunable(merged).items())
-
-
-# ----------------------------------------------------------------------------------------------------------- DDP
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str, selection: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        base = make_model("llama", seed=0)
-        make_sparse(base)
-        model = get_peft_model(
-            base, _spiel(selection=selection, reselection_steps=2, accumulation_steps=1, regrow_fraction=0.5)
-        )
-        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-        opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
-        start = _snapshot(model)
-        for step in range(4):
-            ddp(**inputs("llama", seed=100 * rank + step)).loss.backward()  # different data on each rank
-            opt.step()
-            opt.zero_grad()
-        end = _snapshot(model)
-        changed = sum(int((start[n][0] != end[n][0]).sum()) for n in start)
-        torch.save(
-            {"end": end, "changed": changed, "stats": model.base_model.spiel_stats()},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("selection", ["ag", pytest.param("ma", marks=pytest.mark.slow)])
-def test_ddp_two_ranks_end_identical(tmp_path, selection):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), selection), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    assert r0["changed"] > 0 and r0["stats"]["reselections"] == 2
-    for n in r0["end"]:
-        assert torch.equal(r0["end"][n][0], r1["end"][n][0]), f"{n}: indices differ across ranks"
-        assert torch.equal(r0["end"][n][1], r1["end"][n][1]), f"{n}: values differ across ranks"

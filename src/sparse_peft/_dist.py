@@ -109,13 +109,23 @@ def unsupported_wrapper(params: list[torch.Tensor], drop_and_grow: bool) -> Opti
     return None
 
 
-def check_wrapping(module: nn.Module, tuner: str, drop_and_grow: bool = False) -> None:
-    """Raise a clear error when ``module``'s parameters live under a wrapper ``tuner`` cannot train under."""
+def check_wrapping(
+    module: nn.Module, tuner: str, drop_and_grow: bool = False, edited: Optional[list[torch.Tensor]] = None
+) -> None:
+    """Raise a clear error when ``module``'s parameters live under a wrapper ``tuner`` cannot train under.
+
+    ``edited``: the tensors drop-and-grow edits between steps, as the module holds them now (in forward). One that is
+    no longer an ``nn.Parameter`` has been replaced by a view into a flat parameter (FSDP1).
+    """
     found = unsupported_wrapper(list(module.parameters()), drop_and_grow)
+    if found is None and drop_and_grow and any(not isinstance(t, nn.Parameter) for t in edited or ()):
+        found = "fsdp1"
     if found is None:
         return
-    names = {"fsdp1": "FSDP1 (FullyShardedDataParallel flat parameters)"}
-    what = names.get(found, f"DeepSpeed ZeRO stage {found.split('-')[1]}")
+    if found == "fsdp1":
+        what = "FSDP1 (FullyShardedDataParallel flat parameters)"
+    else:
+        what = f"DeepSpeed ZeRO stage {found.split('-', 1)[1]}"
     why = (
         "it partitions the frozen base weights, which the tuner's forward reads directly"
         if found == "deepspeed-3"
@@ -126,15 +136,11 @@ def check_wrapping(module: nn.Module, tuner: str, drop_and_grow: bool = False) -
 
 
 class WrappingGuard:
-    """Mixin for the tuner models: :meth:`_before_forward` runs before every forward, whichever way peft enters the
-    model (a task ``PeftModel`` calls ``tuner.forward``; the plain ``PeftModel`` calls ``tuner.model`` directly, which
-    a forward pre-hook on it catches). By default it refuses wrappers the tuner cannot run under."""
+    """Mixin for the tuner models: :meth:`_before_forward` runs before every forward of the wrapped model, through a
+    forward pre-hook on ``tuner.model`` (peft enters there both from ``BaseTuner.forward`` and, for the plain
+    ``PeftModel``, directly). By default it refuses wrappers the tuner cannot run under."""
 
     guard_name = "this tuner"
-
-    def forward(self, *args, **kwargs):
-        self._before_forward()
-        return super().forward(*args, **kwargs)
 
     def _guard_forward(self) -> None:
         """Register the pre-hook on ``self.model`` (once; call from ``_create_and_replace``)."""

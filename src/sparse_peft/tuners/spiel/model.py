@@ -272,7 +272,8 @@ class SpielModel(WrappingGuard, BaseTuner):
         """Before a training forward: refuse wrappers drop-and-grow cannot work under, and let adapters that have no
         optimizer yet find theirs at its first step."""
         names = self._trained_adapters()
-        check_wrapping(self.model, "SpIEL", drop_and_grow=bool(names))
+        edited = [layer.spiel_values[n] for n in names for layer in self._layers(n)]
+        check_wrapping(self.model, "SpIEL", drop_and_grow=bool(names), edited=edited)
         if not names:
             return
         self._retire_discovery()
