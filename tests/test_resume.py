@@ -128,3 +128,72 @@ def test_sparse_lora_and_s2ft_resume_is_exact(tuner, tmp_path):
         make, tmp_path / "resumed", max_steps=4, save_steps=2, resume=str(tmp_path / "full" / "checkpoint-2")
     )
     _assert_same(full, resumed)
+
+
+# ------------------------------------------------------------------------------------------ saves that die midway
+def _lora(alpha: int, seed: int):
+    base = make_model("llama")
+    make_sparse(base)
+    torch.manual_seed(seed)
+    config = sparse_peft.SparseLoraConfig(r=4, lora_alpha=alpha, target_modules=TARGETS, init_weights=False)
+    return get_peft_model(base, config).eval()
+
+
+def _fresh_base():
+    base = make_model("llama")
+    make_sparse(base)
+    return base
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model.eval()(**inputs("llama", seed=7)).logits
+
+
+def test_a_save_killed_midway_leaves_only_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    import peft.peft_model
+
+    from sparse_peft.tuners import _common
+
+    previous, current = tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"
+    a = _lora(alpha=8, seed=0)
+    a.save_pretrained(previous)
+    a.save_pretrained(current)
+    b = _lora(alpha=16, seed=1)  # the next save: other weights, another scaling
+    real_save = peft.peft_model.safe_save_file
+
+    def die_halfway(tensors, filename, metadata=None):  # the process is killed while the weights are written
+        real_save(tensors, filename, metadata=metadata)
+        data = open(filename, "rb").read()
+        open(filename, "wb").write(data[: len(data) // 2])
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", die_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        b.save_pretrained(current)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="did not finish"):
+        PeftModel.from_pretrained(_fresh_base(), str(current))
+
+    def die_before_rename(src, dst):  # killed after all weights are written, before the config is committed
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(_common.os, "replace", die_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        b.save_pretrained(current)
+    monkeypatch.undo()
+    assert not [p for p in current.iterdir() if p.name.startswith(".adapter_config-")], "a temporary file was left"
+    with pytest.raises(ValueError, match="did not finish"):  # B's weights are complete, but the config is A's
+        PeftModel.from_pretrained(_fresh_base(), str(current))
+
+    fresh = tmp_path / "checkpoint-3"  # a new checkpoint folder killed midway holds no config at all
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", die_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        b.save_pretrained(fresh)
+    monkeypatch.undo()
+    assert not (fresh / "adapter_config.json").exists()
+
+    loaded = PeftModel.from_pretrained(_fresh_base(), str(previous))
+    torch.testing.assert_close(_logits(loaded), _logits(a), rtol=0, atol=0)
+    b.save_pretrained(current)  # a save that finishes is loadable again, as B
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(_fresh_base(), str(current))), _logits(b))
