@@ -106,13 +106,14 @@ def _batch(step: int, rank=None) -> dict:
     return batch if rank is None else {k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}
 
 
-def _train(model, wrapped, rank=None) -> None:
-    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+def _train(model, wrapped, rank=None, steps=range(STEPS), opt=None):
+    opt = opt or torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
     wrapped.train()
-    for step in range(STEPS):
+    for step in steps:
         wrapped(**_batch(step, rank)).loss.backward()
         opt.step()
         opt.zero_grad()
+    return opt
 
 
 def _result(model) -> dict:
@@ -153,7 +154,40 @@ def _fsdp2_worker(rank: int, world: int, out_dir: str, tuners: list) -> None:
         result["moved"] = sum(int((result["adapter"][_saved_key(k)] != v).sum()) for k, v in start.items())
         torch.save(result, os.path.join(out_dir, f"fsdp2-{tuner}-{rank}.pt"))
         _save_adapter(model, rank, os.path.join(out_dir, f"fsdp2-{tuner}"))
+    _fsdp2_resume(rank, out_dir)
     _fsdp1_refusal(rank, out_dir)
+
+
+def _fsdp2_spiel():
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model("spiel")
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _fsdp2_resume(rank: int, out_dir: str) -> None:
+    """SpIEL checkpointed after step 2 through torch.distributed.checkpoint (the format of accelerate's FSDP2
+    checkpoints), then resumed in a fresh sharded model: the run continues the schedule and ends as uninterrupted."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _fsdp2_spiel()
+    opt = _train(model, model, rank, steps=range(2))
+    state_model, state_opt = get_state_dict(model, opt)
+    dcp.save({"model": state_model, "optim": state_opt}, checkpoint_id=os.path.join(out_dir, "dcp"))
+    _train(model, model, rank, steps=range(2, STEPS), opt=opt)
+    full = _result(model)
+    resumed = _fsdp2_spiel()
+    fresh = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2)
+    state_model, state_opt = get_state_dict(resumed, fresh)
+    template = {"model": state_model, "optim": state_opt}
+    dcp.load(template, checkpoint_id=os.path.join(out_dir, "dcp"))
+    set_state_dict(resumed, fresh, model_state_dict=template["model"], optim_state_dict=template["optim"])
+    _train(resumed, resumed, rank, steps=range(2, STEPS), opt=fresh)
+    torch.save({"full": full, "resumed": _result(resumed)}, os.path.join(out_dir, f"fsdp2-resume-{rank}.pt"))
 
 
 def _saved_key(key: str) -> str:
@@ -232,6 +266,16 @@ def test_spiel_drop_and_grow_moves_slots_under_fsdp2(fsdp2_dir):
     result = _load(fsdp2_dir, "fsdp2", "spiel", 0)
     assert result["stats"]["reselections"] == STEPS // 2 and result["stats"]["changed"] > 0
     assert result["moved"] > 0, "no index moved under FSDP2"
+
+
+def test_spiel_fsdp2_resume_through_distributed_checkpoint_continues_the_schedule(fsdp2_dir):
+    runs = [torch.load(fsdp2_dir / f"fsdp2-resume-{r}.pt", weights_only=True) for r in range(WORLD)]
+    for run in runs:
+        assert run["resumed"]["stats"]["step"] == STEPS and run["resumed"]["stats"]["reselections"] == 1
+        _assert_equal_adapters(
+            run["full"]["adapter"], run["resumed"]["adapter"], "FSDP2 resumed vs uninterrupted", True
+        )
+    _assert_equal_adapters(runs[0]["resumed"]["adapter"], runs[1]["resumed"]["adapter"], "resumed ranks", exact=True)
 
 
 @pytest.mark.parametrize("tuner", ["sparse_lora", "s2ft", "spiel"])

@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
-from ..._dist import WrappingGuard, check_wrapping, dist_sync
+from ..._dist import WrappingGuard, check_wrapping, dist_sync, is_dtensor
 from ..._registry import SparsePeftType
 from .._common import DEFAULT_TARGET_MODULES, check_zero_fingerprints, default_target_modules
 from . import regrowth
@@ -331,19 +331,19 @@ class SpielModel(WrappingGuard, BaseTuner):
             self._bind(name, opt)
             run = self._run(name)
             run["total_steps"] = total_steps if total_steps and total_steps > 0 else None
-            state = opt.state[layers[0].spiel_values[name]]
-            if STEP not in state and start_step:
+            states = self._states(name, opt, layers, write=False)
+            step = self._steps_done(name, states[0], opt.state.get(layers[0].spiel_values[name], {}), in_step=False)
+            if not step and start_step:
                 logger.warning(
-                    "SpIEL adapter %r: the optimizer holds no SpIEL state at step %d (resumed without optimizer "
-                    "state?); the schedule continues from step %d with empty statistics.",
+                    "SpIEL adapter %r: the optimizer holds no state at step %d (resumed without optimizer state?); "
+                    "the schedule continues from step %d with empty statistics.",
                     name,
                     start_step,
                     start_step,
                 )
-                for layer in layers:
-                    opt.state[layer.spiel_values[name]][STEP] = int(start_step)
-            self._sync_run(name, opt, layers)
-            self._arm(name, config, layers, int(opt.state[layers[0].spiel_values[name]].get(STEP, 0)))
+                run["seed_step"] = step = int(start_step)  # (nothing is written into the optimizer before its step)
+            self._sync_run(name, states)
+            self._arm(name, config, layers, step)
 
     # ---- drop-and-grow ---------------------------------------------------------------------------------------
     def _run(self, name: str) -> dict:
@@ -354,8 +354,29 @@ class SpielModel(WrappingGuard, BaseTuner):
             dict(step=0, reselections=0, changed=0, reselect_seconds=0.0, total_steps=None, horizon_logged=False),
         )
 
-    def _sync_run(self, name: str, opt, layers: list[SpielLayer]) -> None:
-        state = opt.state[layers[0].spiel_values[name]]
+    def _states(self, name: str, opt, layers: list[SpielLayer], write: bool = True) -> list[dict]:
+        """Where each layer's drop-and-grow state lives: ``opt.state[values]``, so that it is checkpointed with the
+        optimizer. Under FSDP2 (DTensor values) a process-local dict instead: torch.distributed.checkpoint restores
+        only the entries a fresh optimizer already has, and would drop them (sharded) or restore them on rank 0 alone
+        (full state dict, broadcast from rank 0); the step counter then comes back from AdamW's own ``step``."""
+        if not is_dtensor(layers[0].spiel_values[name]):  # (a read must not add entries the optimizer has not made)
+            values = [layer.spiel_values[name] for layer in layers]
+            return [opt.state[v] for v in values] if write else [opt.state.get(v, {}) for v in values]
+        local = self.__dict__.setdefault("_spiel_local_state", weakref.WeakKeyDictionary())
+        return [local.setdefault(layer, {}).setdefault(name, {}) for layer in layers]
+
+    def _steps_done(self, name: str, state: dict, opt_state: dict, in_step: bool) -> int:
+        """Optimizer steps counted before the current one: SpIEL's counter, else AdamW's ``step`` of the values
+        (restored by every checkpoint format), else a step given by SpielCallback. ``in_step``: called from the
+        post-step hook, where AdamW's count already includes the step in progress."""
+        if STEP in state:
+            return int(state[STEP])
+        adam = opt_state.get("step")
+        done = max(0, int(adam) - int(in_step)) if adam is not None else 0
+        return max(done, self._run(name).get("seed_step", 0))
+
+    def _sync_run(self, name: str, states: list[dict]) -> None:
+        state = states[0]
         run = self._run(name)
         for key, field_ in ((STEP, "step"), (RESELECTIONS, "reselections"), (CHANGED, "changed")):
             run[field_] = int(state.get(key, 0))
@@ -423,8 +444,8 @@ class SpielModel(WrappingGuard, BaseTuner):
         layers = self._layers(name)
         if not layers:
             return
-        states = [opt.state[layer.spiel_values[name]] for layer in layers]
-        step = int(states[0].get(STEP, 0)) + 1
+        states = self._states(name, opt, layers)
+        step = self._steps_done(name, states[0], opt.state[layers[0].spiel_values[name]], in_step=True) + 1
         sync = dist_sync()
         total = self._total_steps(name, config)
         if config.selection == "ag":
@@ -435,7 +456,7 @@ class SpielModel(WrappingGuard, BaseTuner):
             self._reselect(name, config, layers, states, opt, step, total, sync)
         for state in states:
             state[STEP] = step
-        self._sync_run(name, opt, layers)
+        self._sync_run(name, states)
         self._arm(name, config, layers, step)
 
     @staticmethod
