@@ -330,3 +330,27 @@ def test_drop_and_grow_is_refused_under_every_deepspeed_stage(monkeypatch):
         spiel(**_batch(0))
     lora = _model("sparse_lora").train()
     lora(**_batch(0)).loss.backward()
+
+
+# ------------------------------------------------------------------------------------------------------ tutorial
+@pytest.mark.slow
+def test_tutorial_cpu_commands_run_as_written(tmp_path):
+    """The CPU rehearsal of docs/tutorials/multi_gpu.md (2 processes through accelerate launch): a run and its resume
+    from the step-3 checkpoint end with the same adapter."""
+    import re
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "tutorials" / "multi_gpu.md").read_text()
+    section = page[page.index("## On CPU processes") :]
+    commands = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).strip().splitlines()
+    assert len(commands) == 2 and all(c.startswith("accelerate launch") for c in commands)
+    (tmp_path / "examples").symlink_to(root / "examples")
+    for command in commands:
+        out = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=JOIN_TIMEOUT)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "done: 6 steps on 2 process(es)" in out.stdout, out.stdout[-3000:]
+    a, b = (load_file(tmp_path / "runs" / d / "adapter" / "adapter_model.safetensors") for d in ("cpu", "cpu_resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
