@@ -83,14 +83,14 @@ def bench_reselect(args) -> dict:
     gen = torch.Generator().manual_seed(1)
     times, moved = [], []
     for _ in range(args.reselect_reps):
-        for m in layers:  # the accumulated |grad W| of a window (not timed)
-            m._spiel_ag["default"] = torch.rand(m.weight_shape, generator=gen)
-        st = tuner._state("default")
-        st["step"] = 19
-        before, changed = st["reselect_seconds"], st["changed"]
+        for m in layers:  # the accumulated |grad W| of a window, in the optimizer's state (not timed)
+            st = opt.state[m.spiel_values["default"]]
+            st["spiel_ag"] = torch.rand(m.weight_shape, generator=gen)
+            st["spiel_step"] = 19
+        before, changed = tuner.spiel_stats()["reselect_seconds"], tuner.spiel_stats()["changed"]
         tuner.spiel_step(opt)
-        times.append(st["reselect_seconds"] - before)
-        moved.append(st["changed"] - changed)
+        times.append(tuner.spiel_stats()["reselect_seconds"] - before)
+        moved.append(tuner.spiel_stats()["changed"] - changed)
     return {
         "modules": len(layers),
         "positions": positions,

@@ -13,6 +13,7 @@ ARGS = {
     "prune_and_recover.py": ["--tiny", "--steps", "2"],
     "spiel_custom_loop.py": ["--tiny", "--steps", "6"],
     "s2ft_adapter_switching.py": ["--tiny", "--steps", "2"],
+    "multi_gpu_sft.py": ["--tiny", "--cpu", "--steps", "2", "--save-steps", "1"],
 }
 SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
 

@@ -62,6 +62,31 @@ def effective_weight(layer) -> torch.Tensor:
     return w
 
 
+class SpielCallback(TrainerCallback):
+    """Hand SpIEL's drop-and-grow the Trainer's optimizer and the run's length at the start of ``train()``.
+
+    Not needed for drop-and-grow to run: without it a SpIEL adapter finds its optimizer by itself at the first step.
+    With it, the adapters bind to the Trainer's optimizer before the first step, and the regrow fraction decays over
+    ``state.max_steps`` (unless ``SpielConfig.total_steps`` is set); without it and without ``total_steps`` the
+    fraction stays constant. Works the same under DDP and FSDP2, and after ``resume_from_checkpoint`` (the schedule
+    continues from the step stored in the optimizer's state).
+
+    Example:
+        ```python
+        # trainer = SFTTrainer(..., peft_config=SpielConfig(r=16), callbacks=[SpielCallback()])
+        ```
+    """
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from ..tuners.spiel.model import spiel_models
+
+        if model is None or optimizer is None:
+            return control
+        for tuner in spiel_models(model):
+            tuner.attach_optimizer(optimizer, total_steps=state.max_steps, start_step=state.global_step)
+        return control
+
+
 class SparsityCallback(TrainerCallback):
     """Check every ``check_every`` optimizer steps that fine-tuning keeps the base's sparsity.
 

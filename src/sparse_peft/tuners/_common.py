@@ -6,6 +6,11 @@ attention and MLP projections of a block (LoRA's peft default covers only q and 
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -16,6 +21,8 @@ from peft.config import PeftConfig
 from .. import _quant
 from .._layout import linear_weight
 from ..masks import zero_fingerprint
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # in the order peft prefers them
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -143,6 +150,14 @@ class SparseTunerConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layers'."}
     )
+    adapter_digest: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Written by save_pretrained, not set by hand: the sha256 of the adapter weights file saved next to "
+            "this config. Loading through peft checks it, so the weights of a save that died midway are never loaded "
+            "under this config."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -151,3 +166,60 @@ class SparseTunerConfig(PeftConfig):
                 setattr(self, name, set(getattr(self, name)))
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"{type(self).__name__}.layers_pattern only works together with layers_to_transform.")
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write ``adapter_config.json`` atomically, naming the weights it belongs to.
+
+        ``PeftModel.save_pretrained`` writes the weights first and the config last. The config goes to a temporary
+        file that is then renamed over the old one, and it records the sha256 of the weights file beside it;
+        :meth:`from_pretrained` refuses a folder whose weights do not match. So a save that dies at any point leaves
+        the previous adapter or nothing loadable, never new weights under an old config (or the reverse).
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        weights = _weights_file(save_directory)
+        config = copy.copy(self)
+        config.adapter_digest = None if weights is None else file_sha256(weights)
+        tmp = tempfile.mkdtemp(prefix=".adapter_config-", dir=save_directory)
+        try:
+            super(SparseTunerConfig, config).save_pretrained(tmp, **kwargs)
+            os.replace(os.path.join(tmp, CONFIG_NAME), os.path.join(save_directory, CONFIG_NAME))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """peft's loader, plus the check that a local adapter's weights are the ones its config was saved with."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        check_adapter_digest(config, path)
+        return config
+
+
+def _weights_file(directory: str) -> Optional[str]:
+    for name in WEIGHTS_NAMES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_adapter_digest(config, directory: str) -> None:
+    """Refuse a saved adapter folder whose weights file is not the one its config recorded (an interrupted save)."""
+    expected = getattr(config, "adapter_digest", None)
+    weights = _weights_file(directory) if expected and os.path.isdir(directory) else None
+    if weights is None:
+        return
+    if file_sha256(weights) != expected:
+        raise ValueError(
+            f"{weights} does not match the adapter_config.json beside it: the save that wrote it did not finish "
+            "(the weights are newer or older than the config). Nothing was loaded. Load the previous checkpoint, or "
+            "save the adapter again."
+        )

@@ -10,6 +10,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ... import _quant
+from ..._dist import WrappingGuard
 from ..._registry import SparsePeftType
 from .._common import check_zero_fingerprints
 from .config import DATA_STRATEGIES, S2FTConfig
@@ -17,7 +18,7 @@ from .layer import Linear, S2FTLayer
 from .selection import DEFAULT_TARGET_MODULES, block_of, model_geometries, plan, slice_indices
 
 
-class S2FTModel(BaseTuner):
+class S2FTModel(WrappingGuard, BaseTuner):
     """Structured sparse fine-tuning (peft type ``S2FT``). Created by ``peft.get_peft_model``.
 
     Example:
@@ -34,6 +35,7 @@ class S2FTModel(BaseTuner):
         ```
     """
 
+    guard_name = "S2FT"
     prefix: str = SparsePeftType.S2FT.prefix
     tuner_layer_cls = S2FTLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
@@ -68,6 +70,7 @@ class S2FTModel(BaseTuner):
         config.selection = plan(self.model, config)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        self._guard_forward()
         self._ensure_selection(config)
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         _quant.check_supported(base, current_key, "S2FT")

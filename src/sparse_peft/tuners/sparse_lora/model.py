@@ -9,12 +9,13 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ... import _quant
+from ..._dist import WrappingGuard
 from ..._registry import SparsePeftType
 from .._common import DEFAULT_TARGET_MODULES, check_zero_fingerprints, default_target_modules
 from .layer import Linear, SparseLoraLayer
 
 
-class SparseLoraModel(BaseTuner):
+class SparseLoraModel(WrappingGuard, BaseTuner):
     """Sparsity-preserving LoRA (peft type ``SPARSE_LORA``). Created by ``peft.get_peft_model``.
 
     Example:
@@ -32,6 +33,7 @@ class SparseLoraModel(BaseTuner):
         ```
     """
 
+    guard_name = "SparseLoRA"
     prefix: str = SparsePeftType.SPARSE_LORA.prefix
     tuner_layer_cls = SparseLoraLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
@@ -47,6 +49,7 @@ class SparseLoraModel(BaseTuner):
         _quant.guard_repacking(model)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        self._guard_forward()
         layer_kwargs = dict(
             r=config.r,
             lora_alpha=config.lora_alpha,

@@ -22,7 +22,8 @@ class SpielConfig(SparseTunerConfig):
     ``reselection_steps`` optimizer steps the smallest ``|values|`` are dropped and as many new indices are grown
     where the accumulated gradient (``selection="ag"``) or the row/column momentum approximation
     (``selection="ma"``) scores highest. This runs by itself inside ``transformers.Trainer`` / TRL ``SFTTrainer``
-    and any loop that calls ``optimizer.step()`` of a ``torch.optim.Optimizer``.
+    and any loop that calls ``optimizer.step()`` of a ``torch.optim.Optimizer``; its state is part of the optimizer's
+    state, so checkpoints that hold the optimizer resume it exactly.
 
     The budget is one of ``r`` (``k = r * (d_in + d_out)`` per module, the parameter count of LoRA rank ``r``),
     ``density`` (``k = round(density * d_in * d_out)``) or ``num_deltas`` (a total over all targets, shared in
@@ -94,15 +95,16 @@ class SpielConfig(SparseTunerConfig):
     regrow_schedule: Literal["linear", "cosine"] = field(
         default="linear",
         metadata={
-            "help": "How regrow_fraction decays to 0 over total_steps: 'linear' or 'cosine'. Without total_steps "
-            "(custom loops) the fraction stays constant."
+            "help": "How regrow_fraction decays to 0 over the run: 'linear' or 'cosine'. When the run's length is "
+            "unknown (no total_steps, no SpielCallback) the fraction stays constant."
         },
     )
     total_steps: Optional[int] = field(
         default=None,
         metadata={
-            "help": "Number of optimizer steps of the run, for the regrow schedule. None: read from the "
-            "transformers Trainer (state.max_steps) at the first step; constant fraction if there is none."
+            "help": "Number of optimizer steps of the run, for the regrow schedule. None: the Trainer's "
+            "state.max_steps when sparse_peft.training.SpielCallback is passed to it; otherwise the fraction stays "
+            "constant (logged once)."
         },
     )
     preserve_sparsity: Optional[bool] = field(
@@ -130,9 +132,9 @@ class SpielConfig(SparseTunerConfig):
     auto_reselection: bool = field(
         default=True,
         metadata={
-            "help": "True: drop-and-grow runs by itself after every step of a torch optimizer that steps the "
-            "values (a global optimizer step hook). False: call sparse_peft.spiel_step(model, optimizer) yourself "
-            "after each optimizer.step()."
+            "help": "True: drop-and-grow runs by itself after every step of the torch optimizer that steps the "
+            "values (found at its first step, then that optimizer's own step hook). False: call "
+            "sparse_peft.spiel_step(model, optimizer) yourself after each optimizer.step()."
         },
     )
 
@@ -184,7 +186,7 @@ class SpielConfig(SparseTunerConfig):
             raise ValueError(f"SpielConfig.regrow_schedule must be 'linear' or 'cosine', got {self.regrow_schedule!r}.")
         if self.total_steps is not None and (not _is_int(self.total_steps) or self.total_steps <= 0):
             raise ValueError(
-                f"SpielConfig.total_steps must be a positive integer or None (read from the Trainer), "
+                f"SpielConfig.total_steps must be a positive integer or None (from SpielCallback, or constant), "
                 f"got {self.total_steps!r}."
             )
 

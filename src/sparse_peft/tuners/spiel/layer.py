@@ -30,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ... import _quant
 from ... import ops as _ops
+from ..._dist import full_tensor, shard_like
 from ..._layout import LINEAR_TYPES, linear_shape, linear_weight
 from ..._registry import BufferDict
 from ...masks import parse_nm
@@ -104,8 +105,7 @@ class SpielLayer(BaseTunerLayer):
         "spiel_group",
         "spiel_selection",
         "_spiel_collect",
-        "_spiel_ag",
-        "_spiel_ma",
+        "_spiel_ag_step",
         "_spiel_ma_step",
     )
 
@@ -121,11 +121,11 @@ class SpielLayer(BaseTunerLayer):
         self.spiel_k: dict[str, int] = {}
         self.spiel_group: dict[str, int] = {}  # SEFT group size (M, or numel for the whole module)
         self.spiel_selection: dict[str, str] = {}
-        # Transient training statistics (never saved).
-        self._spiel_collect: dict[str, bool] = {}  # AG: accumulate |grad W| in the next backward passes
-        self._spiel_ag: dict[str, torch.Tensor] = {}  # AG: (d_out, d_in) fp32, only inside a window
-        self._spiel_ma: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # MA: EMA rows (d_out,), cols (d_in,)
-        self._spiel_ma_step: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # MA: sums of this optimizer step
+        # Statistics of the optimizer step in progress, summed over its backward passes. SpielModel folds them into
+        # the optimizer's state after the step (that state is what checkpoints hold); they are never saved.
+        self._spiel_collect: dict[str, bool] = {}  # AG: form the dense gradient in this step's backward passes
+        self._spiel_ag_step: dict[str, torch.Tensor] = {}  # AG: (d_out, d_in) fp32 sum of this step's g^T x
+        self._spiel_ma_step: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # MA: this step's row/column sums
         self._spiel_merge_saved: list[tuple] = []  # base values overwritten by merge, for an exact unmerge
         self._quant_merge_saved: list = []  # bitsandbytes base: the quantized weights merges replaced
         self._disable_adapters = False
@@ -338,23 +338,18 @@ class SpielLayer(BaseTunerLayer):
 
     # ---- gradients and statistics ------------------------------------------------------------------------------
     def _value_grads(self, grad_out, x, adapters, values, kills, needs) -> list[Optional[torch.Tensor]]:
-        d_out, d_in = self.weight_shape
+        """The value gradients (always the SDDMM, so a step computes the same values whatever it collects), and this
+        step's growth statistics: AG's dense ``g^T x`` when armed, MA's row/column sums."""
         grads = []
-        dense = None
+        dense: list = []  # [G, stored]: this backward's dense gradient, formed once for all adapters of the layer
         for i, a in enumerate(adapters):
             if not needs[i]:
                 grads.append(None)
                 continue
             idx = self.spiel_indices[a]
+            gv = _gather_weight_grad(grad_out, x, idx)  # (k,) fp32 SDDMM
             if self._spiel_collect.get(a) and self.spiel_selection.get(a) == "ag":
-                if dense is None:  # the window before a reselection: the full weight gradient, once
-                    g2 = grad_out.reshape(-1, d_out).float()  # (T, d_out)
-                    dense = g2.t() @ x.reshape(-1, d_in).float()  # (d_out, d_in) transient
-                acc = self._spiel_ag.get(a)
-                self._spiel_ag[a] = dense.abs() if acc is None else acc.add_(dense.abs())
-                gv = dense.reshape(-1)[idx.long()]  # (k,)
-            else:
-                gv = _gather_weight_grad(grad_out, x, idx)  # (k,) fp32 SDDMM
+                self._accumulate_ag(a, grad_out, x, dense)
             if self.spiel_selection.get(a) == "ma":
                 self._accumulate_ma(a, grad_out, x)
             later = [kl for kl in kills[i + 1 :] if kl.numel()]
@@ -363,6 +358,19 @@ class SpielLayer(BaseTunerLayer):
             grads.append(gv.to(values[i].dtype))
         return grads
 
+    def _accumulate_ag(self, adapter: str, grad_out, x, dense: list) -> None:
+        """AG: add this backward's dense weight gradient (signed) to the step's sum of ``adapter``."""
+        if not dense:
+            d_out, d_in = self.weight_shape
+            g2 = grad_out.reshape(-1, d_out).float()  # (T, d_out)
+            dense += [g2.t() @ x.reshape(-1, d_in).float(), False]  # (d_out, d_in) transient
+        acc = self._spiel_ag_step.get(adapter)
+        if acc is not None:
+            acc.add_(dense[0])
+        else:  # the first adapter to keep it takes the tensor itself, any other a copy
+            self._spiel_ag_step[adapter] = dense[0].clone() if dense[1] else dense[0]
+            dense[1] = True
+
     def _accumulate_ma(self, adapter: str, grad_out: torch.Tensor, x: torch.Tensor) -> None:
         """MA: per-step sums of squared output gradients (rows) and squared inputs (columns)."""
         rows = grad_out.reshape(-1, self.out_features).float().pow(2).sum(0)  # (d_out,)
@@ -370,56 +378,46 @@ class SpielLayer(BaseTunerLayer):
         prev = self._spiel_ma_step.get(adapter)
         self._spiel_ma_step[adapter] = (rows, cols) if prev is None else (prev[0] + rows, prev[1] + cols)
 
-    def _ma_update(self, adapter: str, beta2: float) -> None:
-        """Fold this step's sums into the row/column EMAs (called once per optimizer step)."""
-        step = self._spiel_ma_step.pop(adapter, None)
-        if step is None:
-            return
-        ema = self._spiel_ma.get(adapter)
-        if ema is None:
-            self._spiel_ma[adapter] = ((1 - beta2) * step[0], (1 - beta2) * step[1])
-        else:
-            ema[0].mul_(beta2).add_(step[0], alpha=1 - beta2)
-            ema[1].mul_(beta2).add_(step[1], alpha=1 - beta2)
+    def _take_step_statistics(self, adapter: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """This step's AG sum ``(d_out, d_in)`` and MA sums ``(d_out + d_in,)`` (None where not collected); cleared."""
+        ag = self._spiel_ag_step.pop(adapter, None)
+        ma = self._spiel_ma_step.pop(adapter, None)
+        return ag, None if ma is None else torch.cat(ma)
 
-    # ---- drop and grow ---------------------------------------------------------------------------------------
-    def _scores(self, adapter: str, sync) -> Optional[torch.Tensor]:
-        """Growth scores over all positions, ``(numel,)`` fp32, or None without statistics. A fresh tensor (AG's
-        accumulator is handed over), so the caller may overwrite it."""
+    def growth_scores(self, adapter: str, ag: Optional[torch.Tensor], ma: Optional[torch.Tensor]):
+        """Growth scores over all positions, ``(numel,)`` fp32, from AG's accumulated ``|G|`` ``(d_out, d_in)`` or
+        MA's averages ``(d_out + d_in,)``; None without statistics. A fresh tensor the caller may overwrite."""
         if self.spiel_selection[adapter] == "ag":
-            acc = self._spiel_ag.pop(adapter, None)
-            if acc is None:
-                acc = torch.zeros(self.weight_shape, device=self.spiel_values[adapter].device)
-                if sync is None:
-                    return None
-            if sync is not None:
-                sync.all_reduce(acc)
-            return acc.reshape(-1)
-        ema = self._spiel_ma.get(adapter)
-        if ema is None:
-            if sync is None:
-                return None
-            dev = self.spiel_values[adapter].device
-            ema = (torch.zeros(self.out_features, device=dev), torch.zeros(self.in_features, device=dev))
-        rows, cols = ema[0].clone(), ema[1].clone()
-        if sync is not None:
-            sync.all_reduce(rows)
-            sync.all_reduce(cols)
+            return None if ag is None else ag.float().reshape(-1).clone()
+        if ma is None:
+            return None
+        rows, cols = ma.float().split([self.out_features, self.in_features])
         return torch.outer(rows, cols).reshape(-1)  # (numel,) rank-1 bound of the squared gradient
 
-    @torch.no_grad()
-    def spiel_reselect(self, adapter: str, n: int, sync=None) -> torch.Tensor:
-        """Drop the ``n`` smallest ``|values|`` of ``adapter`` and grow ``n`` new indices; returns the changed slots.
+    # ---- drop and grow ---------------------------------------------------------------------------------------
+    def _full_linear_weight(self) -> torch.Tensor:
+        """The whole base weight, ``(d_out, d_in)`` flattened: all-gathered when FSDP2 shards it (a collective),
+        dequantized for a bitsandbytes base."""
+        if _quant.quant_kind(self.get_base_layer()) is not None:
+            return self._linear_weight().reshape(-1)  # (numel,) fresh
+        w = full_tensor(self.get_base_layer().weight.detach())
+        w = w.t() if self._fan_in_fan_out else w
+        return w.reshape(-1)  # (numel,) a copy only for Conv1D
 
-        Values and indices are rewritten in place (same Parameter object); new values are 0. In SEFT mode the
-        partners of all revived slots are re-chosen by sensitivity. ``sync`` (a process-group helper) makes the
-        decision identical on every rank: statistics are summed, and rank 0's indices are broadcast.
+    @torch.no_grad()
+    def spiel_reselect(self, adapter: str, n: int, scores: Optional[torch.Tensor], sync=None) -> torch.Tensor:
+        """Drop the ``n`` smallest ``|values|`` of ``adapter`` and grow ``n`` new indices where ``scores`` (``(numel,)``
+        fp32, used as scratch space) are highest; returns the changed slots ``(n,)``.
+
+        Values and indices are rewritten in place (same Parameter object, sharded or not); new values are 0. In SEFT
+        mode the partners of all revived slots are re-chosen by sensitivity. Every rank computes the same decision
+        from the same statistics; ``sync`` (a process-group helper) broadcasts rank 0's as a safety net.
         """
         values, indices = self.spiel_values[adapter], self.spiel_indices[adapter]
-        scores = self._scores(adapter, sync)  # (numel,) ours: used as scratch space below
         if scores is None or n <= 0 or self.merged:
-            return torch.empty(0, dtype=torch.long, device=values.device)
-        slots = regrowth.drop_slots(values, n)  # (n,)
+            return torch.empty(0, dtype=torch.long, device=indices.device)
+        full = full_tensor(values.detach())  # (k,) all-gathered under FSDP2
+        slots = regrowth.drop_slots(full, n).to(indices.device)  # (n,)
         old = indices.long()  # (k,)
         dropped = old.index_select(0, slots)  # (n,)
         kept = old[torch.ones_like(old, dtype=torch.bool).index_fill_(0, slots, False)]  # (k - n,)
@@ -427,22 +425,20 @@ class SpielLayer(BaseTunerLayer):
         seft = self._seft(adapter)
         if seft:
             group = self.spiel_group[adapter]
-            weight = self._linear_weight().detach().reshape(-1)  # (numel,) a copy only for Conv1D
+            weight = self._full_linear_weight()  # (numel,)
             nonzero = weight.bool()  # (numel,) weight != 0 (a cast is much faster than the compare on CPU)
             cap = regrowth.group_capacity(nonzero, kept, group)
+        scores = scores.to(indices.device)
         new = regrowth.grow(scores, n, active=kept, dropped=dropped, capacity=cap, group_size=group, scratch=True)
         indices.index_copy_(0, slots, new.to(indices.dtype))
-        values.data.index_fill_(0, slots, 0)
         if seft:
             sens = torch.mul(scores, weight, out=scores).abs_()  # |θ·∇θ| estimate, in place
             partners = regrowth.assign_partners(nonzero, indices, sens, group, scratch=True)
             self.spiel_partners[adapter].copy_(partners)
         if sync is not None:
-            sync.broadcast(indices)
-            if seft:
-                sync.broadcast(self.spiel_partners[adapter])
-            slots = (indices.long() != old).nonzero().squeeze(1)
-            values.data[slots] = 0
+            for t in (slots, indices, *((self.spiel_partners[adapter],) if seft else ())):
+                sync.broadcast(t)
+        zero_slots_(values, slots)
         return slots
 
     # ---- peft behaviours ---------------------------------------------------------------------------------------
@@ -452,6 +448,21 @@ class SpielLayer(BaseTunerLayer):
         flat = w.clone()
         self._apply_adapter(flat, adapter_name, self.spiel_values[adapter_name])
         return self._as_linear((flat - w).view(self._storage_shape))
+
+
+def slot_mask(like: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """A bool mask shaped like the 1-D ``like`` (a values vector or its optimizer state), True at ``slots``, laid out
+    like ``like`` (sharded the same way under FSDP2)."""
+    mask = torch.zeros(like.shape[0], dtype=torch.bool, device=slots.device)
+    mask[slots.long()] = True
+    return shard_like(mask, like)
+
+
+@torch.no_grad()
+def zero_slots_(t: torch.Tensor, slots: torch.Tensor) -> None:
+    """``t[slots] = 0`` in place for a 1-D tensor, sharded (FSDP2) or not."""
+    if slots.numel():
+        t.data.masked_fill_(slot_mask(t, slots), 0)
 
 
 class Linear(nn.Module, SpielLayer):

@@ -1,101 +1,73 @@
 """SpielModel: injects SpIEL layers and runs drop-and-grow after optimizer steps.
 
-Drop-and-grow is triggered by a global torch optimizer step post-hook (``register_optimizer_step_post_hook``),
-installed once per process when a SpIEL adapter with ``auto_reselection=True`` is created. After every ``step()`` of
-any ``torch.optim.Optimizer`` the hook checks whether the optimizer steps a SpIEL adapter's values; if so the adapter's
-step counter advances and, every ``reselection_steps`` steps, its indices are reselected. Accelerate's optimizer
-wrapper, gradient accumulation (the inner step runs once per update) and skipped fp16 steps (no inner step) all
-count correctly, because the hook sits on the inner torch optimizer. Under a ``transformers.Trainer`` the counter
-follows ``state.global_step`` (set at the first training forward of each ``train()`` call), so a run resumed from a
-checkpoint continues the schedule from the checkpoint's step. Custom loops can switch the hook off
-(``auto_reselection=False``) and call :func:`spiel_step` after ``optimizer.step()``.
+**Where drop-and-grow runs.** Drop-and-grow follows the optimizer steps of the values, so it hangs off the optimizer
+that steps them, through torch's per-optimizer hook ``optimizer.register_step_post_hook``. An adapter learns its
+optimizer in one of three ways:
+
+- ``sparse_peft.training.SpielCallback`` in a ``transformers.Trainer`` / TRL ``SFTTrainer``: it binds the adapters at
+  ``on_train_begin`` and hands the schedule the run's length (``state.max_steps``);
+- ``spiel_step(model, optimizer)`` after every ``optimizer.step()`` of a custom loop (``auto_reselection=False``);
+- by itself (``auto_reselection=True``, the default, nothing passed): a training forward of an adapter that has no
+  optimizer yet registers a torch optimizer pre-step hook. At the first ``step()`` of an optimizer whose param
+  groups hold the adapter's values (compared by identity), the adapter binds to that optimizer; the pre-step hook is
+  removed right after that step. From then on only the optimizer's own hook is involved.
+
+**Where its state lives.** The step counter, AG's accumulated ``|G|`` of an open window and MA's row/column averages
+are entries of ``optimizer.state[values]`` (keys ``spiel_*``), for every SpIEL layer. Whatever saves and restores the
+optimizer saves and restores drop-and-grow with it: a Trainer checkpoint (``optimizer.pt``, or FSDP's sharded
+optimizer files), ``accelerate``'s ``save_state``, or ``torch.save(optimizer.state_dict())`` in a custom loop. The
+adapter written by ``save_pretrained`` holds none of it. Statistics are summed over ranks after every step, so the
+state is the same on every rank and one rank's optimizer file holds all of it.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import sys
 import time
-import warnings
 import weakref
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
 from ... import _quant
 from ..._layout import linear_shape, linear_weight
+from ..._dist import WrappingGuard, check_wrapping, dist_sync, is_dtensor
 from ..._registry import SparsePeftType
 from .._common import DEFAULT_TARGET_MODULES, check_zero_fingerprints, default_target_modules
 from . import regrowth
-from .layer import SUPPORTED_LAYERS, Linear, SpielLayer
+from .layer import SUPPORTED_LAYERS, Linear, SpielLayer, slot_mask
 
 logger = logging.getLogger("sparse_peft.spiel")
 
 SPARSE_BASE_ZERO_FRACTION = 0.01  # a target with at least this fraction of exact zeros makes the base "sparse"
 
-_MODELS: "weakref.WeakSet[SpielModel]" = weakref.WeakSet()
-_HOOK_HANDLE = None
-
-
-def _global_step_hook(optimizer, args, kwargs) -> None:
-    for model in list(_MODELS):
-        model._on_optimizer_step(optimizer)
-
-
-def _ensure_step_hook(model: "SpielModel") -> None:
-    global _HOOK_HANDLE
-    _MODELS.add(model)
-    if _HOOK_HANDLE is None:
-        _HOOK_HANDLE = register_optimizer_step_post_hook(_global_step_hook)
-
-
-class _DistSync:
-    """Collectives of the default process group: sum statistics, broadcast rank 0's indices."""
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist = dist
-
-    def all_reduce(self, t: torch.Tensor) -> None:
-        self.dist.all_reduce(t)
-
-    def broadcast(self, t: torch.Tensor) -> None:
-        self.dist.broadcast(t, src=0)
-
-
-def _dist_sync() -> Optional[_DistSync]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _DistSync()
-    return None
-
-
-def _trainer_state():
-    """The ``TrainerState`` of the ``transformers.Trainer`` whose training loop is on the call stack, if any."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        obj = frame.f_locals.get("self")
-        state = getattr(obj, "state", None)
-        if isinstance(getattr(state, "global_step", None), int) and hasattr(obj, "create_optimizer"):
-            return state
-        frame = frame.f_back
-    return None
+# Entries of optimizer.state[values] (checkpoint state). Counters are Python ints: torch's load_state_dict casts
+# floating and integer tensors alike to the values' dtype, but leaves plain numbers alone.
+STEP = "spiel_step"  # optimizer steps counted
+RESELECTIONS = "spiel_reselections"
+CHANGED = "spiel_changed"  # slots moved, in total
+AG = "spiel_ag"  # (d_out, d_in) fp32: accumulated |G| of the open AG window
+MA = "spiel_ma"  # (d_out + d_in,) fp32: MA's row and column averages
+STATE_KEYS = (STEP, RESELECTIONS, CHANGED, AG, MA)
 
 
 def _torch_optimizer(optimizer):
-    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer`` (itself an Optimizer)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
 
 
+def _holds(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    return any(p is param for group in optimizer.param_groups for p in group["params"])
+
+
 def _adam_beta2(optimizer, param: nn.Parameter) -> float:
-    """beta2 of the param group holding ``param``; selection='ma' decays its row/column accumulators with it."""
+    """beta2 of the param group holding ``param``; selection='ma' decays its row/column averages with it."""
     opt = _torch_optimizer(optimizer)
     for group in getattr(opt, "param_groups", []):
         if any(p is param for p in group["params"]):
@@ -115,23 +87,47 @@ _WARNED_STATE: set = set()
 
 def reset_optimizer_slots(optimizer, param: nn.Parameter, slots: torch.Tensor) -> None:
     """Zero the optimizer's per-element state of ``param`` at ``slots`` (AdamW ``exp_avg``/``exp_avg_sq``,
-    ``max_exp_avg_sq``, SGD ``momentum_buffer``, ...). Scalars such as ``step`` are left alone."""
+    ``max_exp_avg_sq``, SGD ``momentum_buffer``, ...), sharded (FSDP2) or not. Scalars such as ``step`` and SpIEL's
+    own ``spiel_*`` entries are left alone."""
     opt = _torch_optimizer(optimizer)
     state = getattr(opt, "state", {}).get(param)
-    if not state:
+    if not state or not slots.numel():
         return
     for key, t in state.items():
+        if isinstance(key, str) and key.startswith("spiel_"):
+            continue
         if torch.is_tensor(t) and t.shape == param.shape:
-            t[slots.to(t.device)] = 0
+            t.masked_fill_(slot_mask(t, slots), 0)
         elif torch.is_tensor(t) and t.dim() > 0 and (type(opt), key) not in _WARNED_STATE:
             _WARNED_STATE.add((type(opt), key))
-            warnings.warn(
-                f"SpIEL cannot reset optimizer state {key!r} of {type(opt).__name__} (shape "
-                f"{tuple(t.shape)} != values {tuple(param.shape)}); regrown slots keep stale state."
+            logger.warning(
+                "SpIEL cannot reset optimizer state %r of %s (shape %s != values %s); regrown slots keep stale state.",
+                key,
+                type(opt).__name__,
+                tuple(t.shape),
+                tuple(param.shape),
             )
 
 
-class SpielModel(BaseTuner):
+def _pre_step_hook(model_ref: "weakref.ref[SpielModel]"):
+    def hook(optimizer, args, kwargs) -> None:
+        model = model_ref()
+        if model is not None:
+            model._discover(optimizer)
+
+    return hook
+
+
+def _post_step_hook(model_ref: "weakref.ref[SpielModel]"):
+    def hook(optimizer, args, kwargs) -> None:
+        model = model_ref()
+        if model is not None:
+            model._after_step(optimizer)
+
+    return hook
+
+
+class SpielModel(WrappingGuard, BaseTuner):
     """SpIEL sparse fine-tuning (peft type ``SPIEL``). Created by ``peft.get_peft_model``.
 
     Example:
@@ -152,6 +148,7 @@ class SpielModel(BaseTuner):
         ```
     """
 
+    guard_name = "SpIEL"
     prefix: str = SparsePeftType.SPIEL.prefix
     tuner_layer_cls = SpielLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
@@ -230,9 +227,8 @@ class SpielModel(BaseTuner):
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, target)
-        layer._spiel_collect[adapter_name] = self._collect_next(config, 0)
-        if config.auto_reselection:
-            _ensure_step_hook(self)
+        layer._spiel_collect[adapter_name] = self._collect_unbound(config)
+        self._guard_forward()
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
@@ -254,82 +250,178 @@ class SpielModel(BaseTuner):
         check_zero_fingerprints(model, state_dict, adapter_name, "spiel_fingerprint")
         return state_dict
 
-    def forward(self, *args, **kwargs):
+    def _before_forward(self) -> None:
         if self.training and torch.is_grad_enabled():
-            self._follow_trainer()  # before this step's backward, which may have to collect AG statistics
-        return super().forward(*args, **kwargs)
+            self._prepare_training_step()
+        else:
+            check_wrapping(self.model, "SpIEL")
 
-    # ---- drop-and-grow ---------------------------------------------------------------------------------------
+    # ---- binding to the optimizer --------------------------------------------------------------------------------
     def _layers(self, adapter_name: str) -> list[SpielLayer]:
         return [m for m in self.model.modules() if isinstance(m, SpielLayer) and adapter_name in m.spiel_values]
 
-    def _state(self, adapter_name: str) -> dict:
-        states = self.__dict__.setdefault("_spiel_states", {})
-        return states.setdefault(
-            adapter_name,
-            dict(step=0, total_steps=None, resolved=False, reselections=0, reselect_seconds=0.0, changed=0),
+    def _trained_adapters(self) -> list[str]:
+        """Active SpIEL adapters whose values train (these run drop-and-grow)."""
+        names = []
+        for name in self.active_adapters:
+            layers = self._layers(name) if isinstance(self.peft_config.get(name), _cfg_cls()) else []
+            if layers and layers[0].spiel_values[name].requires_grad:
+                names.append(name)
+        return names
+
+    def _bound(self, name: str) -> Optional[torch.optim.Optimizer]:
+        ref = self.__dict__.setdefault("_spiel_bound", {}).get(name)
+        return None if ref is None else ref()
+
+    def _prepare_training_step(self) -> None:
+        """Before a training forward: refuse wrappers drop-and-grow cannot work under, and let adapters that have no
+        optimizer yet find theirs at its first step."""
+        names = self._trained_adapters()
+        edited = [layer.spiel_values[n] for n in names for layer in self._layers(n)]
+        check_wrapping(self.model, "SpIEL", drop_and_grow=bool(names), edited=edited)
+        if not names:
+            return
+        self._retire_discovery()
+        waiting = [n for n in names if self.peft_config[n].auto_reselection and self._bound(n) is None]
+        if waiting and self.__dict__.get("_spiel_discovery") is None:
+            self.__dict__["_spiel_discovery"] = register_optimizer_step_pre_hook(_pre_step_hook(weakref.ref(self)))
+
+    def _discover(self, optimizer) -> None:
+        """The pre-step hook: bind waiting adapters to ``optimizer`` if it steps their values."""
+        waiting = [
+            n for n in self._trained_adapters() if self.peft_config[n].auto_reselection and self._bound(n) is None
+        ]
+        for name in waiting:
+            if _holds(optimizer, self._layers(name)[0].spiel_values[name]):
+                self._bind(name, optimizer)
+        if all(self._bound(n) is not None for n in waiting):
+            self.__dict__["_spiel_discovery_done"] = True  # removed after this step (not while torch iterates it)
+
+    def _retire_discovery(self) -> None:
+        handle = self.__dict__.get("_spiel_discovery")
+        if handle is not None and self.__dict__.get("_spiel_discovery_done"):
+            handle.remove()
+            self.__dict__["_spiel_discovery"] = None
+            self.__dict__["_spiel_discovery_done"] = False
+
+    def _bind(self, name: str, optimizer: torch.optim.Optimizer) -> None:
+        """Run ``name``'s drop-and-grow after every step of ``optimizer`` (its own post-step hook, once per optimizer)."""
+        hooks = self.__dict__.setdefault("_spiel_hooks", [])
+        hooks[:] = [(ref, h) for ref, h in hooks if ref() is not None]
+        if not any(ref() is optimizer for ref, _ in hooks):
+            handle = optimizer.register_step_post_hook(_post_step_hook(weakref.ref(self)))
+            hooks.append((weakref.ref(optimizer), handle))
+        self.__dict__.setdefault("_spiel_bound", {})[name] = weakref.ref(optimizer)
+
+    def _after_step(self, optimizer) -> None:
+        """The post-step hook of a bound optimizer."""
+        self._retire_discovery()
+        for name in self._trained_adapters():
+            if self.peft_config[name].auto_reselection and self._bound(name) is optimizer:
+                self._advance(name, optimizer)
+
+    def attach_optimizer(self, optimizer, total_steps: Optional[int] = None, start_step: Optional[int] = None) -> None:
+        """Bind the trained SpIEL adapters (``auto_reselection=True``) to ``optimizer`` now, before its first step.
+
+        ``sparse_peft.training.SpielCallback`` calls this at the start of ``Trainer.train()``. ``total_steps`` is the
+        run's length for the regrow decay (``SpielConfig.total_steps`` wins when set). ``start_step`` seeds the step
+        counter when the optimizer carries no SpIEL state (a run resumed without optimizer state).
+        """
+        opt = _torch_optimizer(optimizer)
+        for name in self._trained_adapters():
+            config = self.peft_config[name]
+            layers = self._layers(name)
+            if not config.auto_reselection or not _holds(opt, layers[0].spiel_values[name]):
+                continue
+            self._bind(name, opt)
+            run = self._run(name)
+            run["total_steps"] = total_steps if total_steps and total_steps > 0 else None
+            states = self._states(name, opt, layers, write=False)
+            step = self._steps_done(name, states[0], opt.state.get(layers[0].spiel_values[name], {}), in_step=False)
+            if not step and start_step:
+                logger.warning(
+                    "SpIEL adapter %r: the optimizer holds no state at step %d (resumed without optimizer state?); "
+                    "the schedule continues from step %d with empty statistics.",
+                    name,
+                    start_step,
+                    start_step,
+                )
+                run["seed_step"] = step = int(start_step)  # (nothing is written into the optimizer before its step)
+            self._sync_run(name, states)
+            self._arm(name, config, layers, step)
+
+    # ---- drop-and-grow ---------------------------------------------------------------------------------------
+    def _run(self, name: str) -> dict:
+        """Per-process bookkeeping of an adapter (the checkpoint state is in the optimizer)."""
+        runs = self.__dict__.setdefault("_spiel_runs", {})
+        return runs.setdefault(
+            name,
+            dict(step=0, reselections=0, changed=0, reselect_seconds=0.0, total_steps=None, horizon_logged=False),
         )
 
-    def _follow_trainer(self, names: Optional[Sequence[str]] = None) -> None:
-        """Align the step counters of SpIEL adapters with a ``transformers.Trainer`` run that just started.
+    def _states(self, name: str, opt, layers: list[SpielLayer], write: bool = True) -> list[dict]:
+        """Where each layer's drop-and-grow state lives: ``opt.state[values]``, so that it is checkpointed with the
+        optimizer. Under FSDP2 (DTensor values) a process-local dict instead: torch.distributed.checkpoint restores
+        only the entries a fresh optimizer already has, and would drop them (sharded) or restore them on rank 0 alone
+        (full state dict, broadcast from rank 0); the step counter then comes back from AdamW's own ``step``."""
+        if not is_dtensor(layers[0].spiel_values[name]):  # (a read must not add entries the optimizer has not made)
+            values = [layer.spiel_values[name] for layer in layers]
+            return [opt.state[v] for v in values] if write else [opt.state.get(v, {}) for v in values]
+        local = self.__dict__.setdefault("_spiel_local_state", weakref.WeakKeyDictionary())
+        return [local.setdefault(layer, {}).setdefault(name, {}) for layer in layers]
 
-        The first time a training step runs under a new ``Trainer.train()`` call (a new ``TrainerState``), the
-        counter is set to ``state.global_step``: 0 for a fresh run, the checkpoint's step after
-        ``resume_from_checkpoint``. So the reselection schedule, the AG accumulation windows and the regrow decay
-        continue where the checkpoint left off. ``total_steps`` is read again from the new run (``state.max_steps``).
-        """
-        state = None
-        for name in names if names is not None else self.active_adapters:
-            config = self.peft_config.get(name)
-            if not isinstance(config, _cfg_cls()):
-                continue
-            st = self._state(name)
-            seen = st.get("trainer_state")
-            if state is None:
-                state = _trainer_state()
-                if state is None:
-                    return
-            if seen is not None and seen() is state:
-                continue
-            st["trainer_state"] = weakref.ref(state)
-            st["step"] = int(state.global_step)
-            max_steps = getattr(state, "max_steps", None)
-            st["total_steps"] = config.total_steps or (
-                max_steps if isinstance(max_steps, int) and max_steps > 0 else None
+    def _steps_done(self, name: str, state: dict, opt_state: dict, in_step: bool) -> int:
+        """Optimizer steps counted before the current one: SpIEL's counter, else AdamW's ``step`` of the values
+        (restored by every checkpoint format), else a step given by SpielCallback. ``in_step``: called from the
+        post-step hook, where AdamW's count already includes the step in progress."""
+        if STEP in state:
+            return int(state[STEP])
+        adam = opt_state.get("step")
+        done = max(0, int(adam) - int(in_step)) if adam is not None else 0
+        return max(done, self._run(name).get("seed_step", 0))
+
+    def _sync_run(self, name: str, states: list[dict]) -> None:
+        state = states[0]
+        run = self._run(name)
+        for key, field_ in ((STEP, "step"), (RESELECTIONS, "reselections"), (CHANGED, "changed")):
+            run[field_] = int(state.get(key, 0))
+
+    def _total_steps(self, name: str, config) -> Optional[int]:
+        run = self._run(name)
+        total = config.total_steps or run["total_steps"]
+        if total is None and config.regrow_fraction > 0 and not run["horizon_logged"]:
+            run["horizon_logged"] = True
+            logger.info(
+                "SpIEL adapter %r: the run's length is unknown (no SpielConfig.total_steps, no SpielCallback), so "
+                "regrow_fraction stays constant at %g.",
+                name,
+                config.regrow_fraction,
             )
-            st["resolved"] = True
-            if st["step"]:
-                logger.info(
-                    "SpIEL adapter %r: the Trainer resumes at step %d; drop-and-grow continues from there.",
-                    name,
-                    st["step"],
-                )
-            self._arm_collection(name, config, st, self._layers(name))
+        return total
 
     @staticmethod
-    def _collect_next(config, step: int) -> bool:
-        """AG: accumulate |grad W| during optimizer step ``step + 1``?"""
+    def _collects(config, step: int, total_steps: Optional[int]) -> bool:
+        """AG: form the dense gradient during optimizer step ``step`` (1-based)?"""
         if config.selection != "ag" or config.regrow_fraction <= 0:
             return False
-        nxt = step + 1
-        return regrowth.in_accumulation_window(nxt, config.reselection_steps, config.accumulation_steps)
+        if not regrowth.in_accumulation_window(step, config.reselection_steps, config.accumulation_steps):
+            return False
+        nxt = _next_reselection(step, config.reselection_steps)
+        return total_steps is None or (
+            regrowth.regrow_fraction_at(nxt, config.regrow_fraction, config.regrow_schedule, total_steps) > 0
+        )
 
-    def _on_optimizer_step(self, optimizer) -> None:
-        """Called by the global hook after every torch optimizer step in the process."""
-        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for name, config in list(self.peft_config.items()):
-            if not getattr(config, "auto_reselection", False):
-                continue
-            layers = self._layers(name)
-            if layers and id(layers[0].spiel_values[name]) in ids:
-                self._advance(name, optimizer, layers)
+    @staticmethod
+    def _collect_unbound(config) -> bool:
+        """Before an adapter knows its step (no optimizer yet), AG collects: the step may lie in a window."""
+        return config.selection == "ag" and config.regrow_fraction > 0
 
     def spiel_step(self, optimizer=None, adapter_names: Optional[Sequence[str]] = None) -> dict:
         """Count one optimizer step for ``adapter_names`` (default: the active SpIEL adapters) and drop-and-grow
         when it is due. For custom loops with ``auto_reselection=False``; call it after ``optimizer.step()``.
 
-        ``optimizer`` is needed to reset the state of regrown slots (and by ``selection="ma"`` to read beta2).
-        Returns :meth:`spiel_stats` of the first adapter.
+        The adapter's step counter and statistics live in ``optimizer``'s state (so they are checkpointed with it),
+        and regrown slots have their optimizer state reset. Returns :meth:`spiel_stats` of the first adapter.
         """
         names = list(
             adapter_names or [a for a in self.active_adapters if isinstance(self.peft_config.get(a), _cfg_cls())]
@@ -341,71 +433,100 @@ class SpielModel(BaseTuner):
                     "optimizer.step(). Calling spiel_step as well would count steps twice; create the adapter with "
                     "SpielConfig(auto_reselection=False) to drive it yourself."
                 )
-            self._advance(name, optimizer, self._layers(name))
+        if optimizer is None:
+            raise ValueError(
+                "spiel_step(model, optimizer) needs the optimizer that steps the SpIEL values: drop-and-grow keeps its "
+                "step counter and statistics in that optimizer's state and resets it at regrown slots."
+            )
+        opt = _torch_optimizer(optimizer)
+        for name in names:
+            self._advance(name, opt)
         return self.spiel_stats(names[0]) if names else {}
 
-    def _advance(self, name: str, optimizer, layers: list[SpielLayer]) -> None:
+    def _advance(self, name: str, opt: torch.optim.Optimizer) -> None:
+        """One optimizer step of adapter ``name``: fold its statistics, drop-and-grow when due, arm the next step."""
         config = self.peft_config[name]
+        layers = self._layers(name)
         if not layers:
             return
-        if config.auto_reselection:  # the hook runs before the Trainer counts the step
-            self._follow_trainer([name])  # in case this run's forward did not pass through this model
-        st = self._state(name)
-        st["step"] += 1
-        step = st["step"]
-        if config.selection == "ma":
-            if optimizer is None:
-                raise ValueError("SpielConfig(selection='ma') needs the optimizer: spiel_step(model, optimizer).")
-            beta2 = _adam_beta2(optimizer, layers[0].spiel_values[name])
-            for layer in layers:
-                layer._ma_update(name, beta2)
-        if not st["resolved"]:
-            st["total_steps"] = config.total_steps
-            st["resolved"] = True
-            if st["total_steps"] is None and config.regrow_fraction > 0:
-                logger.info(
-                    "SpIEL adapter %r: no total_steps and no Trainer found; regrow_fraction stays constant.", name
-                )
+        states = self._states(name, opt, layers)
+        step = self._steps_done(name, states[0], opt.state[layers[0].spiel_values[name]], in_step=True) + 1
+        sync = dist_sync()
+        total = self._total_steps(name, config)
+        if config.selection == "ag":
+            self._fold_ag(name, layers, states, self._collects(config, step, total), sync)
+        else:
+            self._fold_ma(name, layers, states, _adam_beta2(opt, layers[0].spiel_values[name]), sync)
         if regrowth.is_reselection_step(step, config.reselection_steps):
-            t0 = time.perf_counter()
-            sync = _dist_sync()
-            changed = 0
-            for layer in layers:
-                n = regrowth.regrow_count(
-                    layer.spiel_k[name], step, config.regrow_fraction, config.regrow_schedule, st["total_steps"]
-                )
-                slots = layer.spiel_reselect(name, n, sync)
-                if slots.numel() and optimizer is not None:
-                    reset_optimizer_slots(optimizer, layer.spiel_values[name], slots)
-                changed += int(slots.numel())
-            st["reselections"] += 1
-            st["changed"] += changed
-            st["reselect_seconds"] += time.perf_counter() - t0
-        self._arm_collection(name, config, st, layers)
+            self._reselect(name, config, layers, states, opt, step, total, sync)
+        for state in states:
+            state[STEP] = step
+        self._sync_run(name, states)
+        self._arm(name, config, layers, step)
 
-    def _arm_collection(self, name: str, config, st: dict, layers: list[SpielLayer]) -> None:
-        """AG: switch |grad W| accumulation on or off for the next optimizer step (``st["step"] + 1``)."""
-        step = st["step"]
-        collect = self._collect_next(config, step) and (
-            st["total_steps"] is None
-            or regrowth.regrow_fraction_at(
-                _next_reselection(step + 1, config.reselection_steps),
-                config.regrow_fraction,
-                config.regrow_schedule,
-                st["total_steps"],
-            )
-            > 0
-        )
+    @staticmethod
+    def _fold_ag(name: str, layers: list[SpielLayer], states: list[dict], window: bool, sync) -> None:
+        """AG: add ``|G|`` of this step (``G`` summed over its backward passes and over ranks) to the window's sum."""
+        for layer, state in zip(layers, states):
+            g, _ = layer._take_step_statistics(name)
+            if not window:
+                continue
+            if g is None:  # no backward reached this layer here (a collective needs every rank's part anyway)
+                g = torch.zeros(layer.weight_shape, device=layer.spiel_indices[name].device)
+            if sync is not None:
+                sync.all_reduce(g)
+            acc = state.get(AG)
+            state[AG] = g.abs_() if acc is None else acc.float().add_(g.abs_())  # (d_out, d_in) fp32
+
+    @staticmethod
+    def _fold_ma(name: str, layers: list[SpielLayer], states: list[dict], beta2: float, sync) -> None:
+        """MA: fold this step's row/column sums (summed over ranks in one collective) into the averages."""
+        sums = []
+        for layer in layers:
+            _, ma = layer._take_step_statistics(name)
+            size = layer.out_features + layer.in_features
+            sums.append(ma if ma is not None else torch.zeros(size, device=layer.spiel_indices[name].device))
+        flat = torch.cat(sums)  # (Σ d_out + d_in,)
+        if sync is not None:
+            sync.all_reduce(flat)
+        for state, part in zip(states, flat.split([s.numel() for s in sums])):
+            ema = state.get(MA)
+            state[MA] = (1 - beta2) * part if ema is None else ema.float().mul_(beta2).add_(part, alpha=1 - beta2)
+
+    def _reselect(self, name, config, layers, states, opt, step: int, total: Optional[int], sync) -> None:
+        t0 = time.perf_counter()
+        changed = 0
+        for layer, state in zip(layers, states):
+            n = regrowth.regrow_count(layer.spiel_k[name], step, config.regrow_fraction, config.regrow_schedule, total)
+            ag = state.pop(AG, None)  # the window ends here, whatever grows
+            scores = layer.growth_scores(name, ag, state.get(MA))
+            slots = layer.spiel_reselect(name, n, scores, sync)
+            reset_optimizer_slots(opt, layer.spiel_values[name], slots)
+            changed += int(slots.numel())
+        states[0][RESELECTIONS] = int(states[0].get(RESELECTIONS, 0)) + 1
+        states[0][CHANGED] = int(states[0].get(CHANGED, 0)) + changed
+        self._run(name)["reselect_seconds"] += time.perf_counter() - t0
+
+    def _arm(self, name: str, config, layers: list[SpielLayer], step: int) -> None:
+        """AG: switch dense-gradient collection on or off for the next optimizer step (``step + 1``)."""
+        collect = self._collects(config, step + 1, config.total_steps or self._run(name)["total_steps"])
         for layer in layers:
             layer._spiel_collect[name] = collect
-            if not collect:
-                layer._spiel_ag.pop(name, None)
 
     def spiel_stats(self, adapter_name: str = "default") -> dict:
-        """Counters of drop-and-grow: optimizer ``step``, ``reselections``, ``changed`` slots (total),
-        ``reselect_seconds`` spent in drop-and-grow, and the ``total_steps`` used by the schedule."""
-        st = self._state(adapter_name)
-        return {k: st[k] for k in ("step", "reselections", "changed", "reselect_seconds", "total_steps")}
+        """Counters of drop-and-grow: optimizer ``step``, ``reselections``, ``changed`` slots (total; these three come
+        back with the optimizer state of a checkpoint), ``reselect_seconds`` spent in drop-and-grow by this process,
+        and ``total_steps``, the run length the schedule uses (None: constant regrow fraction)."""
+        run = self._run(adapter_name)
+        config = self.peft_config.get(adapter_name)
+        total = getattr(config, "total_steps", None) or run["total_steps"]
+        return {
+            "step": run["step"],
+            "reselections": run["reselections"],
+            "changed": run["changed"],
+            "reselect_seconds": run["reselect_seconds"],
+            "total_steps": total,
+        }
 
     # ---- serving -------------------------------------------------------------------------------------------
     def merge_only(self, adapter_name: str) -> None:
@@ -504,12 +625,16 @@ def fuse_spiel_adapters(
     _spiel_model(model).fuse_adapters(adapter_names, new_name, weights)
 
 
+def spiel_models(model: nn.Module) -> list[SpielModel]:
+    """The SpIEL tuners inside ``model`` (a PeftModel, or one wrapped by DDP, FSDP2 or accelerate)."""
+    return [m for m in model.modules() if isinstance(m, SpielModel)]
+
+
 def _spiel_model(model: nn.Module) -> SpielModel:
-    inner = getattr(model, "module", model)  # DDP
-    tuner = getattr(inner, "base_model", inner)
-    if not isinstance(tuner, SpielModel):
+    found = spiel_models(model)
+    if not found:
         raise TypeError(f"expected a PeftModel with SpIEL adapters, got {type(model).__name__}")
-    return tuner
+    return found[0]
 
 
-__all__ = ["SpielModel", "fuse_spiel_adapters", "reset_optimizer_slots", "spiel_step"]
+__all__ = ["SpielModel", "fuse_spiel_adapters", "reset_optimizer_slots", "spiel_models", "spiel_step"]
