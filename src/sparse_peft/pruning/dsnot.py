@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..masks import parse_nm
-from .calibration import InputStats, openmp_companion, run_sequential
+from .calibration import InputStats, run_sequential
 from .report import SparsityReport, linear_weight, prunable_modules, sparsity_report
 from .sparsegpt import _cpu_threads
 
@@ -154,7 +154,6 @@ def dense_snapshot(model: nn.Module, device: Union[str, torch.device] = "cpu") -
 
 
 @torch.no_grad()
-@openmp_companion()
 def repair(
     model: nn.Module,
     calibration_data,

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..masks import parse_nm
 from .allocation import block_budgets, layer_budgets, outlier_ratio, owl_block_sparsities
-from .calibration import block_modules, decoder_layers, openmp_companion, run_sequential
+from .calibration import block_modules, decoder_layers, run_sequential
 from .criteria import magnitude_scores, prune_count, select_mask, wanda_scores
 from .dsnot import check_objective, dsnot_layer
 from .refit import refit_layer
@@ -99,7 +99,6 @@ def _owl_budgets(model, calibration_data, sparsity, threshold, lam, batch_size, 
 
 
 @torch.no_grad()
-@openmp_companion()
 def prune(
     model: nn.Module,
     method: str,
@@ -154,7 +153,8 @@ def prune(
         progress: show a tqdm bar per block.
 
     Calibration is sequential: each block's statistics come from the outputs of the already-pruned blocks
-    before it, and only one block's activations are kept at a time.
+    before it, and only one block's activations are kept at a time. No thread started here outlives the call, and
+    the caller's torch thread count is restored (SparseGPT's sweep runs on one CPU thread).
     """
     nm, sparsity = _check(model, method, sparsity, pattern, allocation, calibration_data, repair, refit, refit_iters)
     check_objective(repair_objective)
