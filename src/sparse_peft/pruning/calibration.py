@@ -26,13 +26,16 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .report import prunable_modules
+
+CalibrationData = Union[torch.Tensor, Iterable[torch.Tensor]]  # (nsamples, seq_len) token ids, or such batches
+Device = Union[str, torch.device, None]
 
 _LAYER_PATHS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers")
 
@@ -72,7 +75,7 @@ def calibration_from_dataset(
     return calibration_from_texts(tokenizer, dataset[text_column], nsamples, seq_len, seed)
 
 
-def iter_batches(calibration_data, batch_size: int) -> list[torch.Tensor]:
+def iter_batches(calibration_data: Optional[CalibrationData], batch_size: int) -> list[torch.Tensor]:
     """Split ``(nsamples, seq_len)`` ids into batches, or check and list an iterable of such batches."""
     if calibration_data is None:
         raise ValueError(
@@ -508,14 +511,14 @@ class _Progress(tqdm):
 @torch.no_grad()
 def run_sequential(
     model: nn.Module,
-    calibration_data,
+    calibration_data: CalibrationData,
     process: BlockFn,
     *,
     want_hessian: bool = False,
     want_sum: bool = False,
     per_layer: bool = False,
     batch_size: int = 8,
-    device=None,
+    device: Device = None,
     progress: bool = True,
     desc: str = "calibrating",
 ) -> None:
