@@ -439,6 +439,22 @@ def test_per_layer_batches_run_with_the_callers_settings(threads_plus_one, infer
     assert seen[True] == seen[False] == [in_pass] * 3  # three batches
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_per_layer_batches_run_on_the_callers_stream():
+    model = make_model("llama").cuda()
+    seen = []
+    handle = decoder_layers(model)[1].register_forward_pre_hook(lambda m, a: seen.append(torch.cuda.current_stream()))
+    stream = torch.cuda.Stream()
+    try:
+        with torch.cuda.stream(stream):
+            run_sequential(model, calib(4, 16), lambda *a: None, per_layer=True, batch_size=2, progress=False)
+        torch.cuda.synchronize()
+    finally:
+        handle.remove()
+    assert seen == [stream] * 2
+
+
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_true_sequential_false_keeps_exact_sparsity(method):
     model = make_model("qwen3")
