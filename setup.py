@@ -1,14 +1,11 @@
-"""Build steps pyproject.toml cannot express: the boot ``.pth`` file, and the CUDA kernels on request.
+"""The build step pyproject.toml cannot express: the CUDA kernels, on request.
 
-- Ships ``sparse_peft_boot.pth`` into site-packages (regular and editable installs). The .pth runs
-  ``_sparse_peft_boot`` at interpreter start, which makes peft say "run `import sparse_peft`" when a saved sparse
-  adapter is loaded without importing sparse_peft (see ``src/sparse_peft/_registry.py``).
-- ``SPARSE_PEFT_BUILD_EXT=1 pip install --no-build-isolation .`` (or ``-e .``) also compiles
-  ``src/sparse_peft/ops/csrc`` with torch's ``CUDAExtension``/``BuildExtension`` into the package, as
-  ``sparse_peft/ops/_C*.so``; ``sparse_peft.ops._extension`` prefers that module over a just-in-time build. It needs a
-  CUDA build of torch in the build environment (hence ``--no-build-isolation``) and a CUDA toolkit whose major version
-  matches ``torch.version.cuda`` (``nvcc``, found through ``CUDA_HOME``). A missing prerequisite stops the install
-  with a message that names the fix. Without the switch the install is pure Python: torch is not imported here.
+``SPARSE_PEFT_BUILD_EXT=1 pip install --no-build-isolation .`` (or ``-e .``) also compiles
+``src/sparse_peft/ops/csrc`` with torch's ``CUDAExtension``/``BuildExtension`` into the package, as
+``sparse_peft/ops/_C*.so``; ``sparse_peft.ops._extension`` prefers that module over a just-in-time build. It needs a
+CUDA build of torch in the build environment (hence ``--no-build-isolation``) and a CUDA toolkit whose major version
+matches ``torch.version.cuda`` (``nvcc``, found through ``CUDA_HOME``). A missing prerequisite stops the install
+with a message that names the fix. Without the switch the install is pure Python: torch is not imported here.
 
 Everything else about the build is in pyproject.toml.
 """
@@ -18,36 +15,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import sys
 from types import ModuleType
 from typing import Any, MutableMapping
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
-from setuptools.command.editable_wheel import editable_wheel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PTH = os.path.join("src", "sparse_peft_boot.pth")
 BUILD_ENV = "SPARSE_PEFT_BUILD_EXT"
 CSRC = "src/sparse_peft/ops/csrc"  # relative: setuptools wants relative extension sources
 DEFAULT_ARCHS = "8.0;9.0+PTX"  # A100, H100, and PTX for newer GPUs; used when no GPU is visible at build time
-
-
-class BuildPyWithPth(build_py):
-    def run(self):
-        super().run()
-        self.copy_file(PTH, os.path.join(self.build_lib, os.path.basename(PTH)))
-
-    def get_outputs(self, include_bytecode=True):
-        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, os.path.basename(PTH))]
-
-
-class EditableWheelWithPth(editable_wheel):
-    def _install_namespaces(self, installation_dir, pth_prefix):
-        super()._install_namespaces(installation_dir, pth_prefix)
-        shutil.copy(PTH, os.path.join(installation_dir, os.path.basename(PTH)))
 
 
 # ---------------------------------------------------------------------------------- SPARSE_PEFT_BUILD_EXT=1 (CUDA)
@@ -168,7 +146,4 @@ def extension_setup_kwargs(env: MutableMapping[str, str] = os.environ) -> dict[s
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it for the helpers above
     extra = extension_setup_kwargs()
-    setup(
-        cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth, **extra.pop("cmdclass", {})},
-        **extra,
-    )
+    setup(**extra)

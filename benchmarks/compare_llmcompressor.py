@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pruning import add_protocol_args, load_average, protocol  # noqa: E402  (the very same protocol)
+from pruning import add_protocol_args, load_average, openmp_companion, protocol  # noqa: E402  (the very same protocol)
 
 PATTERNS = {"50%": "0:0", "2:4": "2:4"}  # llm-compressor's mask_structure; "0:0" is unstructured
 TARGETS = [r"re:model.layers.\d*$"]
@@ -205,7 +205,5 @@ def main():
 
 
 if __name__ == "__main__":
-    from sparse_peft.pruning.calibration import openmp_companion
-
     with openmp_companion():  # as in benchmarks/pruning.py: steadier wall times on a busy shared CPU
         main()

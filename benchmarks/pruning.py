@@ -27,18 +27,72 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 
 from sparse_peft.embedded import load_smollm2, token_blocks, wiki_split
 from sparse_peft.evaluation import perplexity
 from sparse_peft.pruning import calibration_from_texts, dense_snapshot, prune, repair
-from sparse_peft.pruning.calibration import openmp_companion
 from sparse_peft.pruning.report import linear_weight, prunable_modules
 
 PATTERNS = {"50%": (0.5, None), "2:4": (None, "2:4")}
+
+
+class _Companion:
+    """Reference-counted companion thread: the first user starts it, the last one to leave stops it."""
+
+    lock = threading.Lock()
+    users = 0
+    stop: Optional[threading.Event] = None
+    thread: Optional[threading.Thread] = None
+
+
+@contextmanager
+def openmp_companion() -> Iterator[None]:
+    """Keep one idle OpenMP master thread alive for the duration; nests freely, and works as a decorator.
+
+    A benchmark-only aid for steadier wall times (the library never starts it): this script wraps its whole run in it.
+
+    GNU OpenMP (torch's CPU backend) lets its threads spin-wait at every barrier for a long time while the process
+    has no more OpenMP threads than cores, and only briefly (then sleep) when it has more. On a shared CPU whose
+    cores other processes keep busy, the long spins steal the core from the thread doing the work: the small ops of a
+    block's forward ran up to 10x slower on the main thread of our 2-core machine, and a whole block-at-a-time
+    pruning pass about 2x slower, than with this companion thread alive. When the cores were otherwise free, the same
+    ops took about the same time with and without it. Several users (nested or in other threads) share one companion,
+    which stops when the last of them leaves.
+    """
+    if torch.get_num_threads() < 2:
+        yield
+        return
+
+    def companion(started: threading.Event, stop: threading.Event) -> None:
+        torch.ones(1 << 17).mul_(2).sum()  # large enough to open a parallel region: this thread gets a team
+        started.set()
+        stop.wait()
+
+    with _Companion.lock:
+        _Companion.users += 1
+        if _Companion.users == 1:
+            started, _Companion.stop = threading.Event(), threading.Event()
+            _Companion.thread = threading.Thread(
+                target=companion, args=(started, _Companion.stop), daemon=True, name="sparse_peft-openmp-companion"
+            )
+            _Companion.thread.start()
+            started.wait()
+    try:
+        yield
+    finally:
+        with _Companion.lock:
+            _Companion.users -= 1
+            if _Companion.users == 0:
+                _Companion.stop.set()
+                _Companion.thread.join()
+                _Companion.stop = _Companion.thread = None
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:

@@ -26,9 +26,15 @@ from sparse_peft.ops import _extension, reference
 from sparse_peft.ops import ops as ops_impl
 
 ROOT = Path(__file__).resolve().parents[1]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # the kernels' dtypes
+REF_DTYPES = DTYPES + [torch.float64]  # the reference also takes fp64, and then sums in fp64
 IDX_DTYPES = [torch.int32, torch.int64]
 FAST = settings(max_examples=30, deadline=None, derandomize=True)
+
+
+def acc(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype the ops promise: fp32, or fp64 for fp64."""
+    return torch.promote_types(torch.float32, dtype)
 
 
 # ------------------------------------------------------------------------------------------------------ naive maths
@@ -45,17 +51,6 @@ def naive_dense_grad(grad_output, input):
     g = grad_output.reshape(-1, grad_output.shape[-1]).double()
     x = input.reshape(-1, input.shape[-1]).double()
     return g.t() @ x
-
-
-def naive_masked_lora_grad(grad_output, input, a, b, mask, s):
-    """grad_A, grad_B by autograd through the dense effective delta ``s · M ⊙ (B A)`` in float64."""
-    a = a.double().detach().requires_grad_()
-    b = b.double().detach().requires_grad_()
-    x = input.reshape(-1, input.shape[-1]).double()
-    g = grad_output.reshape(-1, grad_output.shape[-1]).double()
-    y = x @ (s * mask.double() * (b @ a)).t()  # (T, d_out)
-    ga, gb = torch.autograd.grad((y * g).sum(), (a, b))
-    return ga, gb
 
 
 def close(actual, expected, dtype=torch.float32, scale=1.0):
@@ -76,7 +71,7 @@ def problems(draw):
         d_in=d_in,
         lead=lead,
         idx=idx,
-        dtype=draw(st.sampled_from(DTYPES)),
+        dtype=draw(st.sampled_from(REF_DTYPES)),
         idx_dtype=draw(st.sampled_from(IDX_DTYPES)),
         transposed=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
@@ -99,11 +94,9 @@ def test_scatter_add_delta_matches_naive(p, fp32_values):
     w = w.t() if p["transposed"] else w.t().contiguous()  # (d_out, d_in), maybe non-contiguous
     idx = torch.tensor(p["idx"], dtype=p["idx_dtype"])
     v = torch.randn(len(p["idx"]), generator=gen).to(torch.float32 if fp32_values else p["dtype"])
-    out = ops.scatter_add_delta(w, idx, v)
-    assert out.dtype == w.dtype and out.shape == w.shape and out.is_contiguous()
-    close(out, naive_scatter(w, idx, v), p["dtype"], scale=4.0)
     w2 = w.clone()
     assert ops.scatter_add_delta_(w2, idx, v, alpha=-0.5) is w2
+    assert w2.dtype == w.dtype and w2.shape == w.shape
     close(w2, naive_scatter(w, idx, -0.5 * v.double()), p["dtype"], scale=4.0)
 
 
@@ -114,8 +107,8 @@ def test_gather_weight_grad_matches_naive(p):
     g, x = make_tokens(p, p["d_out"], gen), make_tokens(p, p["d_in"], gen)
     idx = torch.tensor(p["idx"], dtype=p["idx_dtype"])
     out = ops.gather_weight_grad(g, x, idx)
-    assert out.dtype == torch.float32 and out.shape == (len(p["idx"]),)
-    close(out, naive_dense_grad(g, x).flatten()[idx.long()], scale=10.0)
+    assert out.dtype == acc(p["dtype"]) and out.shape == (len(p["idx"]),)
+    close(out, naive_dense_grad(g, x).flatten()[idx.long()], acc(p["dtype"]), scale=10.0)
 
 
 @FAST
@@ -131,26 +124,24 @@ def test_partial_weight_grad_matches_naive(p, use_rows, use_cols):
         dense = dense[rows.long()]
     if cols is not None:
         dense = dense[:, cols.long()]
-    assert out.dtype == torch.float32
-    close(out, dense, scale=10.0)
-    close(ops_impl._partial_weight_grad_mm(g, x, rows, cols), dense, scale=10.0)  # the CUDA path's formula
+    assert out.dtype == acc(p["dtype"])
+    close(out, dense, acc(p["dtype"]), scale=10.0)
+    close(ops_impl._partial_weight_grad_mm(g, x, rows, cols), dense, acc(p["dtype"]), scale=10.0)  # the CUDA path
 
 
-@FAST
-@given(problems(), st.integers(1, 4), st.sampled_from([1.0, 0.5, 2.0]))
-def test_masked_lora_grad_matches_autograd(p, r, s):
-    gen = torch.Generator().manual_seed(p["seed"])
-    g, x = make_tokens(p, p["d_out"], gen), make_tokens(p, p["d_in"], gen)
-    a = torch.randn(r, p["d_in"], generator=gen).to(p["dtype"])
-    b = torch.randn(p["d_out"], r, generator=gen).to(p["dtype"])
-    mask = torch.rand(p["d_out"], p["d_in"], generator=gen) > 0.5
-    want_a, want_b = naive_masked_lora_grad(g, x, a, b, mask, s)
-    got_a, got_b = ops.masked_lora_grad(g, x, a, b, mask, s)
-    close(got_a, want_a, scale=50.0)
-    close(got_b, want_b, scale=50.0)
-    blk_a, blk_b = ops_impl._masked_lora_grad_blocked(g, x, a, b, mask, s, block_bytes=8)  # CUDA path, 1-row blocks
-    close(blk_a, want_a, scale=50.0)
-    close(blk_b, want_b, scale=50.0)
+def test_fp64_sums_in_fp64():
+    """fp64 inputs are summed in fp64, not fp32: a 1e-12 step next to 1.0 survives, as does a fp64 product."""
+    w = torch.ones(2, 3, dtype=torch.float64)
+    ops.scatter_add_delta_(w, torch.tensor([4, 4]), torch.tensor([1e-12, 2e-12], dtype=torch.float64))
+    assert w[1, 1].item() == 1.0 + 3e-12 and w[0, 0].item() == 1.0
+    w32 = torch.ones(1, 2)  # an fp32 weight with fp64 values: summed in fp64, rounded once
+    ops.scatter_add_delta_(w32, torch.tensor([0, 0]), torch.tensor([0.5 + 2**-30, 0.5 - 2**-30], dtype=torch.float64))
+    assert w32[0, 0].item() == 2.0
+    g = torch.tensor([[1.0 + 1e-12]], dtype=torch.float64)
+    x = torch.tensor([[1.0 - 1e-12, 3.0]], dtype=torch.float64)
+    assert ops.gather_weight_grad(g, x, torch.tensor([0])).item() == (1.0 + 1e-12) * (1.0 - 1e-12)
+    assert ops.partial_weight_grad(g, x, cols=torch.tensor([0])).item() == (1.0 + 1e-12) * (1.0 - 1e-12)
+    assert ops_impl._native(torch.ones(1), torch.ones(1, dtype=torch.float64)) is None  # fp64: never the fp32 kernel
 
 
 def test_duplicates_accumulate_and_round_once():
@@ -158,10 +149,8 @@ def test_duplicates_accumulate_and_round_once():
     idx = torch.tensor([2, 2, 2, 2])
     v = torch.full((4,), 1.0 / 1024)  # each alone would round away next to 1.0 in bf16
     w[0, 2] = 1.0
-    out = ops.scatter_add_delta(w, idx, v)
-    assert out[0, 2].item() == torch.tensor(1.0 + 4.0 / 1024).to(torch.bfloat16).item()
     ops.scatter_add_delta_(w, idx, v)
-    assert w[0, 2].item() == out[0, 2].item()
+    assert w[0, 2].item() == torch.tensor(1.0 + 4.0 / 1024).to(torch.bfloat16).item()
     g, x = torch.randn(3, 2), torch.randn(3, 5)
     got = ops.gather_weight_grad(g, x, torch.tensor([7, 1, 7]))
     assert got[0] == got[2]  # each occurrence gets the same value
@@ -170,7 +159,7 @@ def test_duplicates_accumulate_and_round_once():
 def test_empty_index_sets():
     w = torch.randn(3, 4)
     empty = torch.empty(0, dtype=torch.int64)
-    assert torch.equal(ops.scatter_add_delta(w, empty, torch.empty(0)), w)
+    assert torch.equal(ops.scatter_add_delta_(w.clone(), empty, torch.empty(0)), w)
     assert ops.gather_weight_grad(torch.randn(5, 3), torch.randn(5, 4), empty).shape == (0,)
     assert ops.partial_weight_grad(torch.randn(5, 3), torch.randn(5, 4), cols=empty).shape == (3, 0)
 
@@ -180,21 +169,20 @@ def test_inplace_on_parameter_and_bad_arguments():
     ops.scatter_add_delta_(p, torch.tensor([5]), torch.tensor([2.0]))
     assert p[1, 2].item() == 2.0 and p.requires_grad
     with pytest.raises(TypeError, match="int32 or int64"):
-        ops.scatter_add_delta(p, torch.tensor([0.0]), torch.tensor([1.0]))
+        ops.scatter_add_delta_(p, torch.tensor([0.0]), torch.tensor([1.0]))
     with pytest.raises(ValueError, match="indices but"):
-        ops.scatter_add_delta(p, torch.tensor([0, 1]), torch.tensor([1.0]))
+        ops.scatter_add_delta_(p, torch.tensor([0, 1]), torch.tensor([1.0]))
     with pytest.raises(ValueError, match="token counts"):
         ops.gather_weight_grad(torch.randn(4, 2), torch.randn(5, 3), torch.tensor([0]))
 
 
-def test_scatter_autograd_gathers_grad():
-    w = torch.randn(3, 4, requires_grad=True)
-    v = torch.randn(3, requires_grad=True)
-    idx = torch.tensor([1, 1, 11], dtype=torch.int32)
-    up = torch.randn(3, 4)
-    (ops.scatter_add_delta(w, idx, v) * up).sum().backward()
-    assert torch.equal(w.grad, up)
-    assert torch.equal(v.grad, up.flatten()[idx.long()])
+def test_every_op_has_a_caller():
+    """Each public op is called by a tuner: an op nobody calls is deleted with its kernel, not kept untested in use."""
+    tuners = "\n".join(p.read_text() for p in (ROOT / "src" / "sparse_peft" / "tuners").rglob("*.py"))
+    public = [n for n in ops.__all__ if n not in ("reference", "extension_status")]
+    assert public and all(callable(getattr(ops, n)) for n in public)
+    unused = [n for n in public if not re.search(rf"\b{re.escape(n)}(?!\w)", tuners)]
+    assert unused == [], f"ops no tuner calls: {unused}"
 
 
 # ------------------------------------------------------------------------------------------- opcheck / gradcheck
@@ -208,59 +196,52 @@ def _samples(dtype=torch.float32, requires_grad=False):
     i64 = torch.tensor([5, 2], dtype=torch.int64)
     empty = torch.empty(0, dtype=torch.int64)
     cols = torch.tensor([3, 0, 3], dtype=torch.int64)
-    mask = torch.rand(3, 4, generator=gen) > 0.4
     return {
-        "scatter_add_delta": [(t(3, 4), i32, t(4)), (t(3, 4), empty, t(0))],
         "gather_weight_grad": [(t(2, 5, 3), t(2, 5, 4), i32), (t(6, 3), t(6, 4), i64), (t(6, 3), t(6, 4), empty)],
         "partial_weight_grad": [
             (t(2, 5, 3), t(2, 5, 4), torch.tensor([2, 0, 2]), None),
             (t(6, 3), t(6, 4), None, cols),
             (t(6, 3), t(6, 4), torch.tensor([1]), cols),
         ],
-        "masked_lora_grad": [(t(2, 5, 3), t(2, 5, 4), t(2, 4), t(3, 2), mask, 0.5)],
     }
 
 
 OPS = {
-    "scatter_add_delta": torch.ops.sparse_peft.scatter_add_delta.default,
     "gather_weight_grad": torch.ops.sparse_peft.gather_weight_grad.default,
     "partial_weight_grad": torch.ops.sparse_peft.partial_weight_grad.default,
-    "masked_lora_grad": torch.ops.sparse_peft.masked_lora_grad.default,
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", sorted(OPS))
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(name, requires_grad):
-    for args in _samples(requires_grad=requires_grad)[name]:
+def test_opcheck(name, requires_grad, dtype):
+    for args in _samples(dtype, requires_grad=requires_grad)[name]:
         torch.library.opcheck(OPS[name], args)
 
 
-def test_opcheck_inplace():
-    w = torch.randn(3, 4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_inplace(dtype):
+    w = torch.randn(3, 4, dtype=dtype)
     torch.library.opcheck(
-        torch.ops.sparse_peft.scatter_add_delta_inplace.default, (w, torch.tensor([1, 1, 2]), torch.randn(3), 0.5)
+        torch.ops.sparse_peft.scatter_add_delta_inplace.default,
+        (w, torch.tensor([1, 1, 2]), torch.randn(3, dtype=dtype), 0.5),
     )
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
-def test_gradcheck(name):
-    # The ops compute in fp32 by definition, so finite differences use a large step; they are exact for these
-    # (bi)linear functions up to fp32 rounding.
-    check = dict(eps=1e-2, atol=1e-4, rtol=1e-3)
+def test_gradcheck_fp64(name):
+    """fp64 gradcheck and gradgradcheck at torch's default tolerances: the ops sum fp64 inputs in fp64."""
     for args in _samples(torch.float64, requires_grad=True)[name]:
-        if name == "masked_lora_grad":  # the mask and scaling are not differentiable
-            fn = lambda *a: OPS[name](*a[:4], args[4], args[5])  # noqa: E731
-            assert torch.autograd.gradcheck(fn, args[:4], **check)
-        else:
-            tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
 
-            def fn(*ts, args=args):
-                it = iter(ts)
-                full = [next(it) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-                return OPS[name](*full)
+        def fn(*ts, args=args):
+            it = iter(ts)
+            full = [next(it) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            return OPS[name](*full)
 
-            assert torch.autograd.gradcheck(fn, tensors, **check)
+        assert torch.autograd.gradcheck(fn, tensors)
+        assert torch.autograd.gradgradcheck(fn, tensors)
 
 
 # ------------------------------------------------------------------------------------------------------- loader
@@ -574,21 +555,16 @@ def test_cuda_scatter_matches_reference(ext, dtype, idx_dtype, shape):
     w = torch.randn(*shape, device="cuda").to(dtype)
     n = w.numel()
     idx = torch.randint(0, n, (max(1, n // 10) + 3,), device="cuda").to(idx_dtype)  # with repeats
-    v = torch.randn(idx.numel(), device="cuda", requires_grad=True)
-    w_t = w.t().contiguous().t().requires_grad_()  # non-contiguous weight
-    out = ops.scatter_add_delta(w_t, idx, v)
-    ref = reference.scatter_add_delta(w_t, idx, v)
-    assert out.dtype == dtype
+    v = torch.randn(idx.numel(), device="cuda")
     ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
-    torch.testing.assert_close(out.float(), ref.float(), rtol=ulp, atol=ulp)
-    up = torch.randn_like(out)
-    gw, gv = torch.autograd.grad((out.float() * up.float()).sum(), (w_t, v))
-    torch.testing.assert_close(gv, up.float().flatten()[idx.long()].to(gv.dtype))
-    torch.testing.assert_close(gw.float(), up.float())
-    w2, w3 = w.clone(), w.clone()
-    ops.scatter_add_delta_(w2, idx, v.detach(), alpha=-0.25)
-    reference.scatter_add_delta_(w3, idx, v.detach(), alpha=-0.25)
-    torch.testing.assert_close(w2.float(), w3.float(), rtol=ulp, atol=ulp)
+    for alpha in (1.0, -0.25):
+        w2, w3 = w.clone(), w.clone()
+        w_t = w.t().contiguous().t()  # non-contiguous weight
+        ops.scatter_add_delta_(w2, idx, v, alpha=alpha)
+        ops.scatter_add_delta_(w_t, idx, v, alpha=alpha)
+        reference.scatter_add_delta_(w3, idx, v, alpha=alpha)
+        torch.testing.assert_close(w2.float(), w3.float(), rtol=ulp, atol=ulp)
+        torch.testing.assert_close(w_t.float(), w3.float(), rtol=ulp, atol=ulp)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -616,7 +592,7 @@ def test_cuda_gather_matches_reference(ext, dtype, idx_dtype, lead, d_out, d_in)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @cuda_test
-def test_cuda_partial_and_masked_match_reference(dtype):
+def test_cuda_partial_matches_reference(dtype):
     torch.manual_seed(0)
     g = torch.randn(2, 33, 96, device="cuda").to(dtype)
     x = torch.randn(2, 33, 80, device="cuda").to(dtype)
@@ -630,18 +606,18 @@ def test_cuda_partial_and_masked_match_reference(dtype):
         dense = dense if r is None else dense[r.long()]
         dense = dense if c is None else dense[:, c.long()]
         _assert_within(out, ref, _torch_lowp_error(lambda: dense, ref), "partial_weight_grad")
-    a = torch.randn(4, 80, device="cuda").to(dtype)
-    b = torch.randn(96, 4, device="cuda").to(dtype)
-    mask = torch.rand(96, 80, device="cuda") > 0.5
-    got = ops.masked_lora_grad(g, x, a, b, mask, 0.5)
-    want = reference.masked_lora_grad(g, x, a, b, mask, 0.5)
-    gm16 = (0.5 * mask * (g.reshape(-1, 96).bfloat16().t() @ x.reshape(-1, 80).bfloat16())).bfloat16()
-    errs = (
-        _torch_lowp_error(lambda: b.bfloat16().t() @ gm16, want[0]),
-        _torch_lowp_error(lambda: gm16 @ a.bfloat16().t(), want[1]),
-    )
-    for o, w_, e in zip(got, want, errs):
-        _assert_within(o, w_, e, "masked_lora_grad")
+
+
+@cuda_test
+def test_cuda_fp64_takes_the_reference(ext):
+    """fp64 inputs never reach the fp32 kernels: they are summed in fp64 on the GPU too."""
+    w = torch.ones(2, 3, dtype=torch.float64, device="cuda")
+    ops.scatter_add_delta_(w, torch.tensor([4, 4], device="cuda"), torch.tensor([1e-12, 2e-12], device="cuda").double())
+    assert w[1, 1].item() == 1.0 + 3e-12
+    g = torch.tensor([[1.0 + 1e-12]], dtype=torch.float64, device="cuda")
+    x = torch.tensor([[1.0 - 1e-12]], dtype=torch.float64, device="cuda")
+    got = ops.gather_weight_grad(g, x, torch.tensor([0], device="cuda"))
+    assert got.dtype == torch.float64 and got.item() == (1.0 + 1e-12) * (1.0 - 1e-12)
 
 
 @cuda_test
@@ -669,7 +645,7 @@ class _SpielLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, indices, values):
-        w = ops.scatter_add_delta(weight, indices, values)  # (d_out, d_in)
+        w = ops.scatter_add_delta_(weight.clone(), indices, values.detach())  # (d_out, d_in)
         ctx.save_for_backward(x, w, indices)
         return x @ w.t()
 
@@ -736,19 +712,17 @@ def _tuner_steps(make_config, use_kernels: bool, steps: int = 3) -> dict[str, to
 
 
 @cuda_test
-@pytest.mark.parametrize("tuner", ["spiel", "s2ft"])
-def test_cuda_tuner_training_step_matches_reference(ext, tuner):
-    """A full SpIEL / S²FT training step on the GPU: native kernels vs the reference path, same device and seed."""
+def test_cuda_spiel_training_step_matches_reference(ext):
+    """A full SpIEL training step on the GPU: native kernels vs the reference path, same device and seed.
+
+    (S²FT has no hand-written kernel: its op runs the same cuBLAS code on both paths, so it is compared with the
+    CPU reference at op level in test_cuda_partial_matches_reference and test_cuda_sparse_training_step_matches_reference.)
+    """
     import sparse_peft
 
-    make = {
-        "spiel": lambda: sparse_peft.SpielConfig(
-            r=2, init_weights=False, auto_reselection=False, task_type="CAUSAL_LM"
-        ),
-        "s2ft": lambda: sparse_peft.S2FTConfig(
-            heads_ratio=0.25, channels_ratio=0.1, init_weights=False, task_type="CAUSAL_LM"
-        ),
-    }[tuner]
+    def make():
+        return sparse_peft.SpielConfig(r=2, init_weights=False, auto_reselection=False, task_type="CAUSAL_LM")
+
     native, ref = _tuner_steps(make, True), _tuner_steps(make, False)
     assert native.keys() == ref.keys() and native
     for name in native:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn as nn
@@ -22,7 +24,7 @@ from sparse_peft.pruning import (
     sparsity_report,
 )
 from sparse_peft.pruning.allocation import owl_block_sparsities
-from sparse_peft.pruning.calibration import InputStats, decoder_layers, openmp_companion, run_sequential
+from sparse_peft.pruning.calibration import InputStats, decoder_layers, run_sequential
 from sparse_peft.pruning.criteria import layer_mask, row_mask, split_evenly
 from sparse_peft.pruning.dsnot import dsnot_layer
 from sparse_peft.pruning.refit import refit_layer
@@ -375,41 +377,82 @@ def test_per_layer_error_propagates_and_threads_end():
     assert threading.active_count() == before  # every batch thread was unwound
 
 
-def test_openmp_companion_nests_and_ends():
-    import threading
-
-    before = threading.active_count()
-    with openmp_companion():
-        inside = threading.active_count()
-        assert inside == before + (torch.get_num_threads() > 1)
-        with openmp_companion():
-            assert threading.active_count() == inside  # one companion, however deep the nesting
-        assert threading.active_count() == inside
-    assert threading.active_count() == before
+@pytest.fixture
+def threads_plus_one():
+    """Run the test with one intra-op thread more than torch's choice (a count the user set), then restore it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    yield before + 1
+    torch.set_num_threads(before)
 
 
-def test_openmp_companion_outlives_the_first_of_two_overlapping_users():
-    import threading
+@pytest.mark.parametrize("progress", [False, True])
+@pytest.mark.parametrize("method,true_sequential", [("wanda", True), ("sparsegpt", True), ("sparsegpt", False)])
+def test_prune_leaves_threads_and_thread_count_as_found(threads_plus_one, method, true_sequential, progress):
+    """No thread started by prune() (batch threads, a spinning helper, tqdm's monitor) is alive after it returns, and
+    the caller's intra-op thread count is what it was, although SparseGPT's sweep runs on one thread."""
+    from tqdm import auto, std
 
-    if torch.get_num_threads() < 2:
-        pytest.skip("the companion only runs with two or more torch threads")
-    before = threading.active_count()
-    entered, leave = threading.Event(), threading.Event()
+    model = make_model("llama")
+    for bar in (std.tqdm, auto.tqdm):  # tqdm's monitor thread, started by an earlier test: stop it so a new one shows
+        if bar.__dict__.get("monitor") is not None:
+            bar.monitor.exit()
+            bar.monitor = None
+    before = {t.ident for t in threading.enumerate()}
+    prune(
+        model, method, 0.5, calibration_data=calib(), true_sequential=true_sequential, batch_size=2, progress=progress
+    )
+    assert {t.name for t in threading.enumerate() if t.ident not in before} == set()
+    assert torch.get_num_threads() == threads_plus_one
+    repair(model, calib(), dense=make_model("llama"), max_cycles=2, batch_size=2, progress=progress)
+    assert {t.name for t in threading.enumerate() if t.ident not in before} == set()
+    assert torch.get_num_threads() == threads_plus_one
 
-    def other_user():
-        with openmp_companion():
-            entered.set()
-            leave.wait()
 
-    other = threading.Thread(target=other_user)
-    other.start()
-    entered.wait()
-    with openmp_companion():
-        pass  # this user leaves first: the companion must stay for the other one
-    assert threading.active_count() == before + 2  # the other user and the companion
-    leave.set()
-    other.join()
-    assert threading.active_count() == before
+def _settings() -> tuple:
+    return (
+        torch.is_autocast_enabled("cpu"),
+        torch.get_autocast_dtype("cpu"),
+        torch.get_num_threads(),
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+    )
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_per_layer_batches_run_with_the_callers_settings(threads_plus_one, inference):
+    """The per-layer pass runs each batch in a thread of its own: it computes with the caller's autocast, thread count
+    and grad/inference mode, exactly as the block-at-a-time pass does in the caller's thread."""
+    model = make_model("llama")
+    seen = {True: [], False: []}
+    per_layer = True
+    handle = decoder_layers(model)[1].register_forward_pre_hook(lambda m, a: seen[per_layer].append(_settings()))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode(inference):
+            caller = _settings()
+            for per_layer in (True, False):
+                run_sequential(model, calib(6, 16), lambda *a: None, per_layer=per_layer, batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    assert caller[:3] == (True, torch.bfloat16, threads_plus_one)
+    in_pass = (*caller[:3], False, inference)  # run_sequential runs under no_grad
+    assert seen[True] == seen[False] == [in_pass] * 3  # three batches
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_per_layer_batches_run_on_the_callers_stream():
+    model = make_model("llama").cuda()
+    seen = []
+    handle = decoder_layers(model)[1].register_forward_pre_hook(lambda m, a: seen.append(torch.cuda.current_stream()))
+    stream = torch.cuda.Stream()
+    try:
+        with torch.cuda.stream(stream):
+            run_sequential(model, calib(4, 16), lambda *a: None, per_layer=True, batch_size=2, progress=False)
+        torch.cuda.synchronize()
+    finally:
+        handle.remove()
+    assert seen == [stream] * 2
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

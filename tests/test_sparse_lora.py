@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -145,14 +147,44 @@ def test_naive_masked_lora_would_save_dense_tensors():
 
 
 def test_dropout_path_matches_no_dropout_in_eval_and_trains():
+    """With ``lora_dropout > 0`` training takes the unfused path (base output plus each adapter's masked delta on
+    dropped-out inputs). In eval it is the no-dropout model; with the dropout an identity it computes what the fused
+    path computes, gradients included; with ``p > 0`` it really drops inputs and still trains."""
     base = make_model("llama")
     make_sparse(base)
-    model = get_peft_model(base, sparse_peft.SparseLoraConfig(r=4, lora_dropout=0.1, init_weights=False))
-    model.train()
-    loss = model(**inputs("llama")).loss
-    loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    dropped = get_peft_model(
+        copy.deepcopy(base), sparse_peft.SparseLoraConfig(r=4, lora_dropout=0.5, init_weights=False)
+    )
+    fused = get_peft_model(copy.deepcopy(base), sparse_peft.SparseLoraConfig(r=4, init_weights=False))
+    fused.load_state_dict(dropped.state_dict())  # the same adapter weights
+    dropouts = [
+        d for m in dropped.modules() if hasattr(m, "sparse_lora_dropout") for d in m.sparse_lora_dropout.values()
+    ]
+    assert dropouts and all(isinstance(d, nn.Dropout) for d in dropouts)
+    batch = inputs("llama")
+    dropped.eval(), fused.eval()
+    with torch.no_grad():
+        reference = fused(**batch).logits
+        torch.testing.assert_close(dropped(**batch).logits, reference, rtol=0, atol=0)
+    for d in dropouts:
+        d.p = 0.0  # an identity, but still a dropout module: the unfused path runs
+    dropped.train(), fused.train()
+    losses = [model(**batch).loss for model in (dropped, fused)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for loss in losses:
+        loss.backward()
+    grads = [{n: p.grad for n, p in model.named_parameters() if p.requires_grad} for model in (dropped, fused)]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    for d in dropouts:
+        d.p = 0.5
+    dropped.zero_grad()
+    logits = dropped(**batch).logits
+    assert not torch.allclose(logits, reference)  # inputs to the adapters were dropped
+    logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dropped.parameters() if p.requires_grad)
+    assert any(p.grad.abs().sum() > 0 for p in dropped.parameters() if p.requires_grad)
 
 
 def test_conv1d_gradient_and_merge_keep_zeros():

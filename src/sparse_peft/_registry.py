@@ -4,12 +4,13 @@
 own ``str`` enum (name == value) and write its members into peft's three mapping tables. Because the members are
 ``str`` subclasses, the plain strings read back from ``adapter_config.json`` (``"SPARSE_LORA"``) hash and compare
 equal to them, so ``PeftConfig.from_pretrained``, ``PeftModel.from_pretrained`` and transformers' ``load_adapter``
-all resolve our tuners once this module has run.
+all resolve our tuners once :func:`register` has run (``import sparse_peft`` runs it).
 
-The same tables carry the hint for users who load a sparse adapter without importing sparse_peft first: the
-``sparse_peft_boot.pth`` file installed next to the package calls :func:`install_missing_type_hint` at interpreter
-start, which makes a failed look-up of one of our types say "run `import sparse_peft`" instead of a bare
-``KeyError: 'SPARSE_LORA'``. For that reason this module imports peft lazily and nothing at its top level is heavy.
+:func:`register` writes into peft's tables in place and never replaces them: peft modules that imported a table
+before sparse_peft was imported hold the same dict object, so they see our types too. Nothing here runs before
+``import sparse_peft``. A process that loads a saved sparse adapter without that import gets peft's own
+``KeyError: 'SPARSE_LORA'``; the fix is written where the user meets the adapter, in the model card (``README.md``)
+that ``PeftModel.save_pretrained`` writes next to it (:func:`add_loading_section`), and in the docs.
 
 Everything else in sparse_peft imports peft-private names only through this module.
 """
@@ -17,15 +18,12 @@ Everything else in sparse_peft imports peft-private names only through this modu
 from __future__ import annotations
 
 import enum
-import importlib.abc
-import importlib.machinery
-import sys
+import functools
+import os
 
 __all__ = [
-    "BufferDict",
     "SparsePeftType",
-    "install_missing_type_hint",
-    "missing_type_hint",
+    "add_loading_section",
     "register",
     "registered_types",
 ]
@@ -63,9 +61,11 @@ def register(peft_type: SparsePeftType, config_cls: type, model_cls: type) -> No
             f"{model_cls.__name__}.prefix must be {peft_type.prefix!r} for peft type {peft_type.value}, "
             f"got {getattr(model_cls, 'prefix', None)!r}"
         )
+    # item assignment into peft's own dicts: never rebind them (modules that imported them keep their reference)
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = peft_type.prefix
+    _wrap_model_card()
 
 
 def registered_types() -> dict[str, type]:
@@ -79,66 +79,81 @@ def registered_types() -> dict[str, type]:
     }
 
 
-def missing_type_hint(peft_type: str) -> str:
-    """The sentence we want a user to read when peft cannot resolve one of our types."""
+# ---- the adapter's model card ----------------------------------------------------------------------------------
+CARD_LIBRARY = "sparse_peft"
+CARD_MARKER = "<!-- sparse_peft: how to load -->"  # makes the section idempotent across repeated saves
+CARD_PLACEHOLDER = "<this folder or its hub id>"
+
+
+def _sparse_types(peft_model) -> list[str]:
+    """Our peft types among the model's adapters, sorted."""
+    types = {str(getattr(c.peft_type, "value", c.peft_type)) for c in peft_model.peft_config.values()}
+    return sorted(types & set(SparsePeftType._value2member_map_))
+
+
+def loading_snippet(auto_class: str, peft_types: list[str]) -> str:
+    """The two lines that load a saved sparse adapter: ``import sparse_peft`` and an ``AutoPeftModel*`` call."""
     return (
-        f"peft type {peft_type!r} is provided by sparse_peft. Run `import sparse_peft` before "
-        "`PeftConfig.from_pretrained`, `PeftModel.from_pretrained`, `AutoPeftModel*.from_pretrained` or "
-        "`model.load_adapter` (install it with `pip install sparse-peft`)."
+        f"import peft, sparse_peft  # sparse_peft registers {', '.join(peft_types)} with peft\n"
+        f'model = peft.{auto_class}.from_pretrained("{CARD_PLACEHOLDER}")\n'
     )
 
 
-# ---- the hint for a forgotten `import sparse_peft` ------------------------------------------------------------
-class MissingSparsePeftType(KeyError):
-    """Raised by peft's mapping tables for one of our types while sparse_peft is not imported."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class _HintingTable(dict):
-    """A peft mapping table that explains a missing sparse_peft type; otherwise an ordinary dict."""
-
-    def __missing__(self, key):
-        if str(getattr(key, "value", key)) in SparsePeftType._value2member_map_:
-            raise MissingSparsePeftType(missing_type_hint(str(getattr(key, "value", key))))
-        raise KeyError(key)
+def _loading_section(auto_class: str, peft_types: list[str]) -> str:
+    fence = "```"
+    return (
+        f"{CARD_MARKER}\n## How to load this adapter\n\n"
+        f"This adapter uses the {', '.join(f'`{t}`' for t in peft_types)} tuner of `sparse_peft`, a plugin for "
+        "PEFT (`pip install sparse-peft`). Import `sparse_peft` before loading it, so that PEFT knows the tuner "
+        f"type; without it PEFT raises `KeyError: '{peft_types[0]}'`.\n\n"
+        f"{fence}python\n{loading_snippet(auto_class, peft_types)}{fence}\n"
+    )
 
 
-def _wrap_tables(module) -> None:
-    for name in _TABLES:
-        table = getattr(module, name, None)
-        if isinstance(table, dict) and not isinstance(table, _HintingTable):
-            setattr(module, name, _HintingTable(table))
+def add_loading_section(peft_model, output_dir: str) -> bool:
+    """Mark the model card ``output_dir/README.md`` as a sparse_peft adapter and say how to load it.
+
+    Sets the card's ``library_name`` to ``sparse_peft`` (tags keep ``peft``) and puts a "How to load this
+    adapter" section with :func:`loading_snippet` after the card's title, once. Does nothing, and returns
+    ``False``, when none of the model's adapters is a sparse_peft type or there is no card.
+    """
+    types = _sparse_types(peft_model)
+    path = os.path.join(output_dir, "README.md")
+    if not types or not os.path.isfile(path):
+        return False
+    import peft
+    from huggingface_hub import ModelCard
+
+    auto_class = "Auto" + type(peft_model).__name__
+    auto_class = auto_class if hasattr(peft, auto_class) else "AutoPeftModel"
+    card = ModelCard.load(path)
+    card.data["library_name"] = CARD_LIBRARY
+    card.data["tags"] = sorted(set(card.data.get("tags") or []) | {"peft", CARD_LIBRARY})
+    if CARD_MARKER not in card.text:
+        lines = card.text.splitlines()
+        title = next((i + 1 for i, line in enumerate(lines) if line.startswith("# ")), 0)
+        lines[title:title] = ["", _loading_section(auto_class, types)]
+        card.text = "\n".join(lines)
+    card.save(path)
+    return True
 
 
-class _WrapAfterExec(importlib.abc.Loader):
-    def __init__(self, loader):
-        self.loader = loader
+def _wrap_model_card() -> None:
+    """Make ``PeftModel.create_or_update_model_card`` (called by ``save_pretrained``) add our section. Idempotent.
 
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
+    Only adapters of our types are affected: for every other model the wrapper returns right after peft's own card.
+    """
+    from peft import PeftModel
 
-    def exec_module(self, module):
-        self.loader.exec_module(module)
-        _wrap_tables(module)
+    peft_card = PeftModel.create_or_update_model_card
+    if getattr(peft_card, "__sparse_peft__", False):
+        return
 
+    @functools.wraps(peft_card)
+    def create_or_update_model_card(self, output_dir: str):
+        result = peft_card(self, output_dir)
+        add_loading_section(self, output_dir)
+        return result
 
-class _PeftMappingFinder(importlib.abc.MetaPathFinder):
-    """Wraps ``peft.mapping``'s tables right after the module runs, before any other peft module imports them."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "peft.mapping":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _WrapAfterExec(spec.loader)
-        return spec
-
-
-def install_missing_type_hint() -> None:
-    """Arrange for peft to name ``import sparse_peft`` when it meets one of our types unimported. Cheap and safe."""
-    if "peft.mapping" in sys.modules:
-        _wrap_tables(sys.modules["peft.mapping"])
-    elif not any(isinstance(f, _PeftMappingFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PeftMappingFinder())
+    create_or_update_model_card.__sparse_peft__ = True
+    PeftModel.create_or_update_model_card = create_or_update_model_card

@@ -23,8 +23,12 @@ import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +143,9 @@ def _install(tmp: Path, target: Path) -> None:
             raise
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None):
+def load_smollm2(
+    dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load SmolLM2-135M-Instruct (model in eval mode, tokenizer) from the cached checkpoint.
 
     Parameters and buffers are copied into ordinary memory (not mmapped from the safetensors

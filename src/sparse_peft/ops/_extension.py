@@ -39,7 +39,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("binding.cpp", "scatter_add_delta.cu", "gather_weight_grad.cu")
 HEADERS = ("sparse_peft_kernels.h",)
 PREBUILT = "sparse_peft.ops._C"  # the ahead-of-time build (setup.py, SPARSE_PEFT_BUILD_EXT=1)
-KERNEL_OPS = ("scatter_add_delta", "scatter_add_delta_", "gather_weight_grad")  # what binding.cpp defines
+KERNEL_OPS = ("scatter_add_delta_", "gather_weight_grad")  # what binding.cpp defines
 
 _FIX = (
     "sparse_peft falls back to its PyTorch reference ops (same results, slower). To get the CUDA kernels: install a "

@@ -5,14 +5,16 @@ Conventions shared by all ops:
 - ``weight`` is in ``nn.Linear`` layout ``(d_out, d_in)``; a flat index ``k`` addresses ``weight[k // d_in, k % d_in]``.
 - ``input`` is ``(..., d_in)`` and ``grad_output`` is ``(..., d_out)``; leading dimensions are flattened into ``T``.
 - Indices may be int32 or int64, unsorted and repeated. Repeated indices *accumulate* in
-  :func:`scatter_add_delta` (their values are summed), and each occurrence gets the same gradient in
+  :func:`scatter_add_delta_` (their values are summed), and each occurrence gets the same gradient in
   :func:`gather_weight_grad`.
-- Results are computed in fp32. ``scatter_add_delta(_)`` returns ``weight.dtype`` (the fp32 sum is rounded once per
-  element); the gradient ops return fp32.
-- Empty index sets, non-contiguous tensors and fp32/fp16/bf16 inputs are allowed. Indices must lie in
+- Results are accumulated in :func:`accumulate_dtype` of the inputs, ``torch.promote_types(float32, dtype)``: fp32
+  for fp32/fp16/bf16 inputs, fp64 for fp64. ``scatter_add_delta_`` keeps ``weight.dtype`` (the sum is rounded once
+  per element); the gradient ops return the accumulation dtype.
+- Empty index sets, non-contiguous tensors and fp64/fp32/fp16/bf16 inputs are allowed. Indices must lie in
   ``[0, d_out * d_in)``: here an out-of-range index raises, the CUDA kernels skip it (scatter) or return 0 (gather).
-- :mod:`sparse_peft.ops` wraps these functions as ``torch.library`` custom ops with CUDA kernels; the kernels must
-  compute exactly these functions (up to floating-point summation order).
+- :mod:`sparse_peft.ops` wraps these functions as ``torch.library`` custom ops with CUDA kernels (fp32 accumulation,
+  so fp64 inputs always take these functions); the kernels must compute exactly these functions (up to
+  floating-point summation order).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from typing import Optional
 import torch
 
 
-def scatter_add_delta(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``weight + scatter(values at flat indices)``, out of place. Repeated indices are summed."""
-    out = weight.detach().float().clone().reshape(-1)  # (d_out * d_in,)
-    out.index_add_(0, indices.long(), values.detach().float())
-    return out.reshape(weight.shape).to(weight.dtype)
+def accumulate_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the ops sum in: ``torch.promote_types(float32, dtype)`` over the floating-point ``tensors``."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def scatter_add_delta_(
@@ -35,19 +38,20 @@ def scatter_add_delta_(
 ) -> torch.Tensor:
     """In-place ``weight += alpha * scatter(values)`` (used by merge/unmerge). Returns ``weight``.
 
-    Repeated indices are summed in fp32 and the element is rounded once to ``weight.dtype``.
+    Repeated indices are summed in :func:`accumulate_dtype` and the element is rounded once to ``weight.dtype``.
     """
     target = weight.data
     contiguous = target.is_contiguous()
     flat = target.view(-1) if contiguous else target.contiguous().view(-1)  # (d_out * d_in,)
     idx = indices.long()
-    if weight.dtype == torch.float32:
-        flat.index_add_(0, idx, values.detach().float(), alpha=alpha)
-    else:  # accumulate in fp32, round once
+    acc_dtype = accumulate_dtype(weight, values)
+    if weight.dtype == acc_dtype:
+        flat.index_add_(0, idx, values.detach().to(acc_dtype), alpha=alpha)
+    else:  # accumulate in the wider dtype, round once
         uniq, inv = torch.unique(idx, return_inverse=True)
-        acc = torch.zeros(uniq.numel(), dtype=torch.float32, device=weight.device)
-        acc.index_add_(0, inv, values.detach().float())
-        flat[uniq] = (flat[uniq].float() + alpha * acc).to(weight.dtype)
+        acc = torch.zeros(uniq.numel(), dtype=acc_dtype, device=weight.device)
+        acc.index_add_(0, inv, values.detach().to(acc_dtype))
+        flat[uniq] = (flat[uniq].to(acc_dtype) + alpha * acc).to(weight.dtype)
     if not contiguous:  # a non-contiguous weight was updated through a contiguous copy
         target.copy_(flat.view(target.shape))
     return weight
@@ -57,7 +61,7 @@ def gather_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, indices: 
     """For every flat index ``k = i * d_in + j``: ``Σ_t grad_output[t, i] * input[t, j]`` (an SDDMM).
 
     Equal to ``(grad_output^T @ input).flatten()[indices]`` without forming the ``(d_out, d_in)`` gradient.
-    Returns fp32 values of shape ``(len(indices),)``.
+    Returns ``(len(indices),)`` values in :func:`accumulate_dtype` (fp32, or fp64 for fp64 inputs).
 
     How, by device (same function): on CPU torch's ``sparse.sampled_addmm`` on a CSR pattern of the indices, a tuned
     dot product per index, about 25x faster than the gather-dot and 3x faster than a dense ``g^T x`` and a gather at
@@ -67,8 +71,9 @@ def gather_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, indices: 
     d_out, d_in = grad_output.shape[-1], input.shape[-1]
     idx = indices.long()
     if grad_output.device.type == "cpu":
-        g = grad_output.reshape(-1, d_out).float()  # (T, d_out)
-        x = input.reshape(-1, d_in).float()  # (T, d_in)
+        acc = accumulate_dtype(grad_output, input)
+        g = grad_output.reshape(-1, d_out).to(acc)  # (T, d_out)
+        x = input.reshape(-1, d_in).to(acc)  # (T, d_in)
         order = torch.argsort(idx)
         sidx = idx[order]  # (k,) row-major, as CSR wants; repeats stay adjacent and each gets its own dot
         if sidx.numel() and not (0 <= int(sidx[0]) and int(sidx[-1]) < d_out * d_in):
@@ -94,7 +99,7 @@ def _sampled_addmm(g: torch.Tensor, x: torch.Tensor, sidx: torch.Tensor) -> torc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         pattern = torch.sparse_csr_tensor(
-            crow, sidx % d_in, torch.zeros(sidx.numel()), size=(d_out, d_in), check_invariants=False
+            crow, sidx % d_in, g.new_zeros(sidx.numel()), size=(d_out, d_in), check_invariants=False
         )
         return torch.sparse.sampled_addmm(pattern, g.t().contiguous(), x, beta=0.0).values()  # (k,)
 
@@ -108,7 +113,7 @@ def _gather_blocked(
     """``(g^T x).flatten()[sidx]`` as a matmul over blocks of output rows and a gather; sorted ``sidx (k,)``."""
     d_out, d_in = g.shape[1], x.shape[1]
     rows = max(1, (block_elems or _BLOCK_ELEMS) // max(1, d_in))
-    out = torch.empty(sidx.numel(), dtype=torch.float32, device=g.device)
+    out = torch.empty(sidx.numel(), dtype=g.dtype, device=g.device)
     starts = torch.arange(0, d_out + rows, rows, device=sidx.device) * d_in
     bounds = torch.searchsorted(sidx, starts).tolist()  # each row block is a contiguous run of sidx
     for b, r0 in enumerate(range(0, d_out, rows)):
@@ -122,10 +127,11 @@ def _gather_blocked(
 def _gather_dot(grad_output: torch.Tensor, input: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The definition, as a chunked gather of token rows and a dot product per index."""
     d_out, d_in = grad_output.shape[-1], input.shape[-1]
-    g_t = grad_output.reshape(-1, d_out).t().float().contiguous()  # (d_out, T), token-contiguous rows
-    x_t = input.reshape(-1, d_in).t().float().contiguous()  # (d_in, T)
+    acc = accumulate_dtype(grad_output, input)
+    g_t = grad_output.reshape(-1, d_out).t().to(acc).contiguous()  # (d_out, T), token-contiguous rows
+    x_t = input.reshape(-1, d_in).t().to(acc).contiguous()  # (d_in, T)
     rows, cols = idx // d_in, idx % d_in  # (k,)
-    out = torch.empty(idx.numel(), dtype=torch.float32, device=g_t.device)
+    out = torch.empty(idx.numel(), dtype=acc, device=g_t.device)
     chunk = max(1, (1 << 24) // max(1, g_t.shape[1]))  # bound the (chunk, T) gathered rows to ~64 MB each
     for s in range(0, idx.numel(), chunk):
         g_r, x_c = g_t[rows[s : s + chunk]], x_t[cols[s : s + chunk]]  # (chunk, T) each
@@ -141,7 +147,7 @@ def partial_weight_grad(
 ) -> torch.Tensor:
     """The weight gradient ``grad_output^T @ input`` restricted to output ``rows`` and/or input ``cols``.
 
-    Returns ``(len(rows) or d_out, len(cols) or d_in)`` in fp32.
+    Returns ``(len(rows) or d_out, len(cols) or d_in)`` in :func:`accumulate_dtype`.
     """
     d_out, d_in = grad_output.shape[-1], input.shape[-1]
     g = grad_output.reshape(-1, d_out)  # (T, d_out)
@@ -150,20 +156,5 @@ def partial_weight_grad(
         g = g.index_select(1, rows.long())  # (T, R)
     if cols is not None:
         x = x.index_select(1, cols.long())  # (T, C)
-    return g.float().t() @ x.float()  # (R, C)
-
-
-def masked_lora_grad(
-    grad_output: torch.Tensor,
-    input: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    mask: torch.Tensor,
-    scaling: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grad_A, grad_B`` of ``y = x (s · M ⊙ (B A))^T``: with ``G = s · M ⊙ (g^T x)``, ``B^T G`` and ``G A^T``."""
-    d_out, d_in = grad_output.shape[-1], input.shape[-1]
-    g = grad_output.reshape(-1, d_out).float()  # (T, d_out)
-    x = input.reshape(-1, d_in).float()  # (T, d_in)
-    gm = (g.t() @ x).masked_fill_(~mask.bool(), 0.0).mul_(scaling)  # (d_out, d_in)
-    return lora_b.float().t() @ gm, gm @ lora_a.float().t()  # (r, d_in), (d_out, r)
+    acc = accumulate_dtype(grad_output, input)
+    return g.to(acc).t() @ x.to(acc)  # (R, C)

@@ -12,7 +12,11 @@ inputs and outputs alive at a time. Within a block it works in one of two ways:
   statistics are complete and a callback prunes it, then the batches go on through the pruned layer. Each layer is
   calibrated on inputs that already went through the pruned layers before it, and the block's outputs come out of
   the same single forward. The batches run as threads that take turns (one runs at a time), so this needs no
-  knowledge of the block's code.
+  knowledge of the block's code. Each batch thread runs with the caller's torch settings (grad and inference mode,
+  autocast, intra-op thread count, default device, current CUDA device and stream), so the block computes exactly
+  what it would in the caller's thread; every thread has ended when the pass returns or raises.
+
+Nothing here changes process-wide state: no thread outlives a call, and the caller's thread count is left alone.
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .report import prunable_modules
+
+CalibrationData = Union[torch.Tensor, Iterable[torch.Tensor]]  # (nsamples, seq_len) token ids, or such batches
+Device = Union[str, torch.device, None]
 
 _LAYER_PATHS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers")
 
@@ -68,7 +75,7 @@ def calibration_from_dataset(
     return calibration_from_texts(tokenizer, dataset[text_column], nsamples, seq_len, seed)
 
 
-def iter_batches(calibration_data, batch_size: int) -> list[torch.Tensor]:
+def iter_batches(calibration_data: Optional[CalibrationData], batch_size: int) -> list[torch.Tensor]:
     """Split ``(nsamples, seq_len)`` ids into batches, or check and list an iterable of such batches."""
     if calibration_data is None:
         raise ValueError(
@@ -274,6 +281,64 @@ class _Abort(Exception):
     """Raised inside a paused batch to unwind it when the pass fails elsewhere."""
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu", "privateuseone")
+
+
+@dataclass(frozen=True)
+class _ThreadState:
+    """torch's per-thread settings that change what a forward computes, captured in one thread for another.
+
+    A new Python thread starts with torch's defaults: grad mode on, no autocast, the process's default intra-op
+    thread count (OpenMP keeps the count per thread), the CPU as default device, CUDA device 0 and its default stream.
+    """
+
+    grad: bool
+    inference: bool
+    num_threads: int
+    autocast: tuple[tuple[str, torch.dtype], ...]  # (device type, dtype) for every device type with autocast on
+    autocast_cache: bool
+    default_device: Optional[torch.device]  # None: the CPU
+    cuda: Optional[tuple[int, Any]]  # (current device, current stream) once the caller has initialised CUDA
+
+    @classmethod
+    def capture(cls) -> "_ThreadState":
+        autocast = tuple(
+            (d, torch.get_autocast_dtype(d))
+            for d in _AUTOCAST_DEVICES
+            if torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d)
+        )
+        default = torch.get_default_device()
+        cuda = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # never initialise CUDA here
+            cuda = (torch.cuda.current_device(), torch.cuda.current_stream())
+        return cls(
+            grad=torch.is_grad_enabled(),
+            inference=torch.is_inference_mode_enabled(),
+            num_threads=torch.get_num_threads(),
+            autocast=autocast,
+            autocast_cache=torch.is_autocast_cache_enabled(),
+            default_device=None if default.type == "cpu" else default,
+            cuda=cuda,
+        )
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Run the body with these settings; meant for a fresh thread, which ends right after it."""
+        if torch.get_num_threads() != self.num_threads:  # this thread's OpenMP count; the caller already uses it
+            torch.set_num_threads(self.num_threads)
+        with ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(self.inference))
+            stack.enter_context(torch.set_grad_enabled(self.grad))
+            for device_type, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=self.autocast_cache))
+            if self.default_device is not None:
+                stack.enter_context(self.default_device)
+            if self.cuda is not None:
+                stack.enter_context(torch.cuda.device(self.cuda[0]))
+                stack.enter_context(torch.cuda.stream(self.cuda[1]))
+            yield
+
+
 class _LayerByLayer:
     """One block's forward over every cached batch, paused before each prunable layer until all batches arrive.
 
@@ -323,16 +388,15 @@ class _LayerByLayer:
         if self._abort:
             raise _Abort
 
-    def _work(self, i: int, block: nn.Module, batch: tuple, num_threads: int, grad: bool) -> None:
+    def _work(self, i: int, block: nn.Module, batch: tuple, caller: _ThreadState) -> None:
         self._local.index = i
-        torch.set_num_threads(num_threads)  # the intra-op setting is per thread under OpenMP
         with self._cond:
             self._cond.wait_for(lambda: self._turn == i)
             self._state[i] = "running"
         try:
             if not self._abort:
                 hidden, args, kwargs = batch
-                with torch.set_grad_enabled(grad):
+                with caller.applied():
                     self._outputs[i] = _block_output(block(hidden, *args, **kwargs))
         except _Abort:
             pass
@@ -360,11 +424,11 @@ class _LayerByLayer:
         self._state, self._where = ["ready"] * n, [None] * n
         self._outputs, self._errors = [None] * n, []
         self._last: list[tuple] = [(None, None)] * n
-        num_threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+        caller = _ThreadState.capture()
         threads = [
             threading.Thread(
                 target=self._work,
-                args=(i, block, cache[i], num_threads, grad),
+                args=(i, block, cache[i], caller),
                 daemon=True,
                 name=f"sparse_peft-calib-{i}",
             )
@@ -409,56 +473,6 @@ class _LayerByLayer:
         return self._outputs
 
 
-class _Companion:
-    """Reference-counted companion thread: the first user starts it, the last one to leave stops it."""
-
-    lock = threading.Lock()
-    users = 0
-    stop: Optional[threading.Event] = None
-    thread: Optional[threading.Thread] = None
-
-
-@contextmanager
-def openmp_companion() -> Iterator[None]:
-    """Keep one idle OpenMP master thread alive for the duration; nests freely, and works as a decorator.
-
-    GNU OpenMP (torch's CPU backend) lets its threads spin-wait at every barrier for a long time while the process
-    has no more OpenMP threads than cores, and only briefly (then sleep) when it has more. On a shared CPU whose
-    cores other processes keep busy, the long spins steal the core from the thread doing the work: the small ops of a
-    block's forward ran up to 10x slower on the main thread of our 2-core machine, and a whole block-at-a-time
-    pruning pass about 2x slower, than with this companion thread alive. When the cores were otherwise free, the same
-    ops took about the same time with and without it. Several users (nested or in other threads) share one companion,
-    which stops when the last of them leaves.
-    """
-    if torch.get_num_threads() < 2:
-        yield
-        return
-
-    def companion(started: threading.Event, stop: threading.Event) -> None:
-        torch.ones(1 << 17).mul_(2).sum()  # large enough to open a parallel region: this thread gets a team
-        started.set()
-        stop.wait()
-
-    with _Companion.lock:
-        _Companion.users += 1
-        if _Companion.users == 1:
-            started, _Companion.stop = threading.Event(), threading.Event()
-            _Companion.thread = threading.Thread(
-                target=companion, args=(started, _Companion.stop), daemon=True, name="sparse_peft-openmp-companion"
-            )
-            _Companion.thread.start()
-            started.wait()
-    try:
-        yield
-    finally:
-        with _Companion.lock:
-            _Companion.users -= 1
-            if _Companion.users == 0:
-                _Companion.stop.set()
-                _Companion.thread.join()
-                _Companion.stop = _Companion.thread = None
-
-
 BlockFn = Callable[[int, dict[str, nn.Module], dict[str, InputStats]], Optional[bool]]
 
 
@@ -488,17 +502,23 @@ def _calibrate_block(
     return outputs
 
 
+class _Progress(tqdm):
+    """A tqdm bar that starts no monitor thread: tqdm's would outlive the call (even a disabled bar starts one)."""
+
+    monitor_interval = 0
+
+
 @torch.no_grad()
 def run_sequential(
     model: nn.Module,
-    calibration_data,
+    calibration_data: CalibrationData,
     process: BlockFn,
     *,
     want_hessian: bool = False,
     want_sum: bool = False,
     per_layer: bool = False,
     batch_size: int = 8,
-    device=None,
+    device: Device = None,
     progress: bool = True,
     desc: str = "calibrating",
 ) -> None:
@@ -517,22 +537,24 @@ def run_sequential(
     device = torch.device(device) if device is not None else home
     was_training = model.training
     model.eval()
+    blocks = _Progress(layers, desc=desc, unit="block") if progress else layers
     try:
-        with openmp_companion():
-            cache = capture_block_inputs(model, layers, batches, device)
-            for index, block in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
-                block.to(device)
-                outputs = _calibrate_block(
-                    block,
-                    block_modules(model, block),
-                    cache,
-                    lambda modules, stats: process(index, modules, stats),
-                    per_layer=per_layer,
-                    want_hessian=want_hessian,
-                    want_sum=want_sum,
-                    need_outputs=index < len(layers) - 1,
-                )
-                cache = [(out, a, kw) for out, (_, a, kw) in zip(outputs, cache)]
-                block.to(home)
+        cache = capture_block_inputs(model, layers, batches, device)
+        for index, block in enumerate(blocks):
+            block.to(device)
+            outputs = _calibrate_block(
+                block,
+                block_modules(model, block),
+                cache,
+                lambda modules, stats: process(index, modules, stats),
+                per_layer=per_layer,
+                want_hessian=want_hessian,
+                want_sum=want_sum,
+                need_outputs=index < len(layers) - 1,
+            )
+            cache = [(out, a, kw) for out, (_, a, kw) in zip(outputs, cache)]
+            block.to(home)
     finally:
+        if progress:
+            blocks.close()
         model.train(was_training)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .._layout import check_writable
 from ..masks import parse_nm
-from .calibration import InputStats, openmp_companion, run_sequential
+from .calibration import CalibrationData, Device, InputStats, run_sequential
 from .report import SparsityReport, linear_weight, prunable_modules, sparsity_report
 from .sparsegpt import _cpu_threads
 
@@ -155,10 +155,9 @@ def dense_snapshot(model: nn.Module, device: Union[str, torch.device] = "cpu") -
 
 
 @torch.no_grad()
-@openmp_companion()
 def repair(
     model: nn.Module,
-    calibration_data,
+    calibration_data: CalibrationData,
     dense: Union[nn.Module, Mapping[str, torch.Tensor]],
     pattern: Optional[str] = None,
     *,
@@ -166,7 +165,7 @@ def repair(
     var_power: float = 1.0,
     objective: str = "mse",
     batch_size: int = 8,
-    device=None,
+    device: Device = None,
     progress: bool = True,
 ) -> SparsityReport:
     """DSnoT repair of a pruned ``model`` in place, block by block on ``calibration_data``. Training-free.

@@ -10,7 +10,7 @@ import torch.nn as nn
 from .._layout import check_writable
 from ..masks import parse_nm
 from .allocation import block_budgets, layer_budgets, outlier_ratio, owl_block_sparsities
-from .calibration import block_modules, decoder_layers, openmp_companion, run_sequential
+from .calibration import CalibrationData, Device, block_modules, decoder_layers, run_sequential
 from .criteria import magnitude_scores, prune_count, select_mask, wanda_scores
 from .dsnot import check_objective, dsnot_layer
 from .refit import refit_layer
@@ -101,13 +101,12 @@ def _owl_budgets(model, calibration_data, sparsity, threshold, lam, batch_size, 
 
 
 @torch.no_grad()
-@openmp_companion()
 def prune(
     model: nn.Module,
     method: str,
     sparsity: Optional[float] = None,
     pattern: Optional[str] = None,
-    calibration_data=None,
+    calibration_data: Optional[CalibrationData] = None,
     *,
     allocation: str = "uniform",
     owl_threshold: float = 5.0,
@@ -121,7 +120,7 @@ def prune(
     refit_iters: int = 30,
     true_sequential: bool = True,
     batch_size: int = 8,
-    device=None,
+    device: Device = None,
     progress: bool = True,
 ) -> SparsityReport:
     """Prune ``model`` in place and return its :func:`sparsity_report`.
@@ -136,11 +135,14 @@ def prune(
         calibration_data: ``(nsamples, seq_len)`` token ids or an iterable of such batches; needed by Wanda,
             SparseGPT, OWL and ``repair``. See :func:`calibration_from_texts`.
         allocation: ``"uniform"`` or ``"owl"`` (outlier-weighted per-block sparsity; global count exact).
-        owl_threshold, owl_lambda: OWL's outlier threshold M (times the mean score) and sparsity spread lambda.
-        blocksize, percdamp: SparseGPT's lazy-update block width and Hessian damping (fraction of mean diagonal).
+        owl_threshold: OWL's outlier threshold M (times the mean score).
+        owl_lambda: OWL's sparsity spread lambda.
+        blocksize: SparseGPT's lazy-update block width (columns).
+        percdamp: SparseGPT's Hessian damping, as a fraction of the mean diagonal (also the refit's).
         repair: also run DSnoT (:func:`repair`) on each layer right after pruning it, in the same pass and from the
             same statistics (SparseGPT's Hessian, plus the input mean), so the model is walked once, not twice.
-        repair_cycles, repair_objective: DSnoT's ``max_cycles`` and ``objective`` (see :func:`repair`).
+        repair_cycles: DSnoT's ``max_cycles`` (see :func:`repair`).
+        repair_objective: DSnoT's ``objective`` (see :func:`repair`).
         refit: after pruning (and DSnoT), set each layer's kept weights to the least-squares fit of the dense
             layer's output on the calibration inputs, for the final mask (:func:`refit_layer`; same statistics,
             same pass). The mask, the sparsity per row and any N:M pattern are unchanged. With Wanda or magnitude
@@ -156,7 +158,8 @@ def prune(
         progress: show a tqdm bar per block.
 
     Calibration is sequential: each block's statistics come from the outputs of the already-pruned blocks
-    before it, and only one block's activations are kept at a time.
+    before it, and only one block's activations are kept at a time. No thread started here outlives the call, and
+    the caller's torch thread count is restored (SparseGPT's sweep runs on one CPU thread).
     """
     nm, sparsity = _check(model, method, sparsity, pattern, allocation, calibration_data, repair, refit, refit_iters)
     check_objective(repair_objective)

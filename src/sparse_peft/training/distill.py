@@ -29,7 +29,8 @@ def squarehead_loss(
     """Mean over layers of ``‖h_s − h_t‖² / ‖h_t‖²``.
 
     Args:
-        student_hidden, teacher_hidden: one ``(B, T, d)`` tensor per transformer block (the block outputs).
+        student_hidden: one ``(B, T, d)`` tensor per transformer block (the block outputs) of the student.
+        teacher_hidden: the same for the teacher.
         attention_mask: ``(B, T)``; zeros mark padding that does not count.
     """
     if len(student_hidden) != len(teacher_hidden):

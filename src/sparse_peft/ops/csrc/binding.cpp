@@ -54,10 +54,11 @@ void scatter_into(at::Tensor& weight, const at::Tensor& indices, const at::Tenso
   TORCH_CHECK(indices.numel() == values.numel(), "sparse_peft: indices and values differ in length (",
               indices.numel(), " vs ", values.numel(), ")");
   const int dt = dtype_code(weight);
+  dtype_code(values);  // fp32/fp16/bf16 only: the sum is formed in fp32 (fp64 takes the reference, which sums in fp64)
   index_code(indices);
   if (indices.numel() == 0) return;
   auto idx = indices.reshape({-1}).contiguous();
-  auto vals = values.reshape({-1}).to(at::kFloat).contiguous();  // (k,)
+  auto vals = values.reshape({-1}).to(at::kFloat).contiguous();  // (k,), exact for every accepted dtype
   int unique = 0;
   if (dt != SP_FLOAT32) {  // sum duplicates in fp32, round once per element (matches the reference)
     auto res = at::_unique2(idx, /*sorted=*/true, /*return_inverse=*/true, /*return_counts=*/false);
@@ -69,15 +70,7 @@ void scatter_into(at::Tensor& weight, const at::Tensor& indices, const at::Tenso
   }
   check(sp_scatter_add(dt, weight.data_ptr(), weight.numel(), index_code(idx), idx.data_ptr(), vals.data_ptr<float>(),
                        idx.numel(), (float)alpha, unique, stream()),
-        "scatter_add_delta");
-}
-
-at::Tensor scatter_add_delta(const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& values) {
-  c10::cuda::CUDAGuard guard(weight.device());
-  auto out = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
-  out.copy_(weight);  // a device memcpy when weight is contiguous
-  scatter_into(out, indices, values, 1.0);
-  return out;
+        "scatter_add_delta_");
 }
 
 void scatter_add_delta_(at::Tensor weight, const at::Tensor& indices, const at::Tensor& values, double alpha) {
@@ -110,7 +103,9 @@ at::Tensor gather_weight_grad(const at::Tensor& grad_output, const at::Tensor& i
   auto x = input.reshape({-1, d_in});         // (T, d_in)
   TORCH_CHECK(g.size(0) == x.size(0), "sparse_peft: grad_output and input have different token counts (",
               g.size(0), " vs ", x.size(0), ")");
-  if (g.scalar_type() != x.scalar_type()) {
+  dtype_code(grad_output);  // fp32/fp16/bf16 only: the kernel accumulates in fp32 (fp64 takes the reference)
+  dtype_code(input);
+  if (g.scalar_type() != x.scalar_type()) {  // mixed kernel dtypes: fp32 is their accumulation dtype
     g = g.to(at::kFloat);
     x = x.to(at::kFloat);
   }
@@ -137,7 +132,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                             std::to_string(TORCH_VERSION_PATCH);
   m.attr("sources_hash") = SP_SOURCES_HASH;
-  m.def("scatter_add_delta", &scatter_add_delta, "weight + scatter(values) at flat indices, out of place");
   m.def("scatter_add_delta_", &scatter_add_delta_, "weight += alpha * scatter(values), in place");
   m.def("gather_weight_grad", &gather_weight_grad, "SDDMM: sum_t g[t, i] x[t, j] at flat indices (i, j)");
 }

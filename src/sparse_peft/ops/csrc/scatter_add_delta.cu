@@ -1,6 +1,5 @@
-// scatter_add_delta kernels: weight[idx] += alpha * vals, fp32 atomics or a distinct-index read-modify-write.
-// Plain CUDA (no torch headers); see sparse_peft_kernels.h for the ABI. The dense copy of the out-of-place op is a
-// cudaMemcpyAsync issued by the binding, which runs at copy-engine/HBM speed.
+// scatter_add_delta_ kernels: weight[idx] += alpha * vals, fp32 atomics or a distinct-index read-modify-write.
+// Plain CUDA (no torch headers); see sparse_peft_kernels.h for the ABI.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
