@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -447,3 +448,22 @@ def test_a_stopped_demo_leaves_nothing_behind(workdir, tmp_path):
         proc.kill()
         proc.wait()
     assert not any(tmp_path.iterdir())
+
+
+def test_a_hub_id_is_tried_and_fails_clearly_offline(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = _run(["report", "--model", "no-such-org/no-such-model"], capsys)
+    assert code == 2 and "--model 'no-such-org/no-such-model'" in err and "hub id" in err and "Traceback" not in err
+
+
+def test_training_and_merging_raise_no_deprecation_warnings(workdir, tmp_path, capsys):
+    """transformers 5.24 deprecates the gradient_checkpointing names; the CLI uses the current ones (and hides peft's
+    own is_gradient_checkpointing call)."""
+    d = str(workdir)
+    finetune = ["finetune", "--model", f"{d}/tiny", "--r", "2", "--data", f"{d}/train.txt", "--seq-len", "16"]
+    finetune += ["--max-steps", "1", "--batch-size", "2", "--out", str(tmp_path / "ad")]
+    merge = ["merge", "--model", f"{d}/tiny", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _run(finetune, capsys)[0] == 0 and _run(merge, capsys)[0] == 0
+    assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]

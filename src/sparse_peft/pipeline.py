@@ -48,15 +48,19 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
             f"--model {spec!r} is not a model folder (no config.json there). Pass a folder saved with "
             f"save_pretrained, a hub id, or {DEFAULT_MODEL!r} for the embedded SmolLM2-135M."
         )
+    if path.is_dir():
+        return _from_pretrained(path, dtype)
+    try:
+        return _from_pretrained(spec, dtype)
+    except OSError as exc:  # not on the hub, no network, HF_HUB_OFFLINE=1 ...
+        raise UserError(f"--model {spec!r} is not a local folder, and loading it as a hub id failed: {exc}") from exc
+
+
+def _from_pretrained(source, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = path if path.is_dir() else spec
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as exc:  # not on the hub, no network, HF_HUB_OFFLINE=1 ...
-        raise UserError(f"--model {spec!r} is not a local model folder and could not be loaded as a hub id: {exc}")
-    return model.eval(), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(source)
 
 
 def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
