@@ -43,7 +43,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
 
         return load_smollm2(dtype)
     path = Path(spec).expanduser()
-    if path.is_dir() and not (path / "config.json").exists() or path.exists() and not path.is_dir():
+    if path.exists() and not (path / "config.json").is_file():  # a file, or a folder without a config
         raise UserError(
             f"--model {spec!r} is not a model folder (no config.json there). Pass a folder saved with "
             f"save_pretrained, a hub id, or {DEFAULT_MODEL!r} for the embedded SmolLM2-135M."
