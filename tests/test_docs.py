@@ -1,4 +1,4 @@
-"""The docs build strictly, their Python code blocks run, and the README's commands match CI."""
+"""The docs build strictly and their Python code blocks run (the README is checked in test_readme.py)."""
 
 from __future__ import annotations
 
@@ -54,16 +54,3 @@ def test_mkdocs_build_strict(tmp_path):
     log = out.stdout + out.stderr
     assert out.returncode == 0, log
     assert "WARNING" not in log, log
-
-
-def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
-    readme = (ROOT / "README.md").read_text()
-    commands = re.findall(r"```bash\n(.*?)\n\s*```", readme, flags=re.S)
-    first_heading = readme.find("\n## ")
-    opening = [c.strip() for c in commands if readme.find(c) < first_heading]
-    assert len(opening) == 2, "README must open with exactly two set-up commands"
-    demo, tests = opening
-    assert demo.endswith("sparse-peft demo") and "pip install" in demo
-    assert "pytest" in tests and "pip install" in tests
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert tests in ci, ".ci/run must run the README's test command verbatim"

@@ -743,24 +743,30 @@ def test_cli_export_semi_structured(cli_models, tmp_path, capsys):
 
 
 def test_cli_export_help_has_examples(capsys):
-    with pytest.raises(SystemExit) as exc:
-        _cli(["export", "--help"], capsys)
-    assert exc.value.code == 0 and "examples:" in capsys.readouterr().out
+    code, out, _ = _cli(["export", "--help"], capsys)
+    assert code == 0 and "examples:" in out and "--format" in out
 
 
 def test_cli_merge_runs_verify_and_saves_nothing_on_failure(cli_models, tmp_path, capsys):
-    """A dense LoRA adapter brings pruned weights back: merge must refuse, name the module, and write nothing."""
+    """A SparseLoRA adapter whose custom mask covers pruned weights brings them back: merge must refuse, name the
+    module, and write nothing."""
     import peft
 
+    import sparse_peft
+
     base = transformers.AutoModelForCausalLM.from_pretrained(cli_models / "u50")
-    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["up_proj"], init_lora_weights=False))
-    lora.save_pretrained(tmp_path / "lora")
+    everything = {n: torch.ones_like(linear_weight(m), dtype=torch.bool) for n, m in prunable(base).items()}
+    config = sparse_peft.SparseLoraConfig(r=2, target_modules=["up_proj"], mask_type="custom", init_weights=False)
+    model = peft.get_peft_model(base, config)
+    sparse_peft.set_sparse_lora_masks(model, {n: m for n, m in everything.items() if n.endswith("up_proj")})
+    model.save_pretrained(tmp_path / "adapter")
     code, _, err = _cli(
-        ["merge", "--model", cli_models / "u50", "--adapter", tmp_path / "lora", "--out", tmp_path / "merged"], capsys
+        ["merge", "--model", cli_models / "u50", "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged"],
+        capsys,
     )
     assert code == 2 and "up_proj" in err and "pruned weights are non-zero" in err
     assert not (tmp_path / "merged").exists()
-    assert os.listdir(tmp_path) == ["lora"]
+    assert os.listdir(tmp_path) == ["adapter"]
 
 
 def test_masks_of_a_lora_wrapped_model_are_its_base_modules():

@@ -7,11 +7,13 @@ summaries, split by article).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,40 +33,155 @@ class UserError(ValueError):
 
 # ---- models -------------------------------------------------------------------------------------------------
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from a local folder, or the embedded SmolLM2 for ``"smollm2"``."""
+    """``(model, tokenizer)`` from a local folder, a hub id, or the embedded SmolLM2 for ``"smollm2"``.
+
+    A hub id is downloaded as transformers does (set ``HF_HUB_OFFLINE=1`` to forbid it); a local path that is not a
+    model folder is a :class:`UserError`.
+    """
     if spec == DEFAULT_MODEL:
         from .embedded import load_smollm2
 
         return load_smollm2(dtype)
-    path = Path(spec)
-    if not path.is_dir() or not (path / "config.json").exists():
+    path = Path(spec).expanduser()
+    if path.exists() and not (path / "config.json").is_file():  # a file, or a folder without a config
         raise UserError(
             f"--model {spec!r} is not a model folder (no config.json there). Pass a folder saved with "
-            f"save_pretrained, or {DEFAULT_MODEL!r} for the embedded SmolLM2-135M."
+            f"save_pretrained, a hub id, or {DEFAULT_MODEL!r} for the embedded SmolLM2-135M."
         )
+    if path.is_dir():
+        return _from_pretrained(path, dtype)
+    try:
+        return _from_pretrained(spec, dtype)
+    except OSError as exc:  # not on the hub, no network, HF_HUB_OFFLINE=1 ...
+        raise UserError(f"--model {spec!r} is not a local folder, and loading it as a hub id failed: {exc}") from exc
+
+
+def _from_pretrained(source, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(source)
 
 
-def save_model(model: nn.Module, tokenizer, out: str | os.PathLike) -> Path:
-    """Save atomically: write into a temporary sibling folder, then rename, so a failure leaves nothing half-written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``save_pretrained`` the model (and tokenizer) into ``out``, atomically: see :func:`staged_folder`."""
+    with staged_folder(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+    return Path(out)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is an existing file; pass a folder path.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {str(out)!r} already exists and is not empty; pass --overwrite to replace it.")
+
+
+def _new_sibling(out: Path, tag: str) -> Path:
+    """A fresh hidden folder next to ``out``, created with the umask's permissions (``mkdtemp`` would make it 0700)."""
+    for _ in range(100):
+        candidate = out.parent / f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir(0o777)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a temporary folder next to {out}")
+
+
+def _umask_modes(folder: Path) -> None:
+    """Give every folder under ``folder`` the mode ``folder`` got from the umask, and every file that mode minus x.
+
+    ``save_pretrained`` writes some files through temporary files (0600); a saved model is meant to be shared.
+    """
+    dir_mode = stat.S_IMODE(folder.stat().st_mode)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), dir_mode & 0o666)
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder next to ``out``; on success it becomes ``out``, on failure it is removed.
+
+    An existing non-empty ``out`` is a :class:`UserError` unless ``overwrite``; it is then replaced only once the
+    new folder is complete, so a failure leaves it as it was. An existing file is never replaced.
+    """
+    out = Path(out).expanduser()
+    _check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_sibling(out, "partial")
+    try:
+        yield tmp
+        _umask_modes(tmp)
+        _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``; an old ``out`` is moved aside first and deleted after."""
+    old = None
+    if out.exists():
+        old = _new_sibling(out, "old")
+        os.rename(out, old / out.name)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old / out.name, out)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def training_folder(out: str | os.PathLike, overwrite: bool = False, resume: bool = False):
+    """The fine-tuning output folder ``out``, written in place so that its checkpoints survive a crash.
+
+    ``resume``: continue in an existing ``out``. ``overwrite``: the old ``out`` is moved aside, deleted once training
+    finished, and put back if training fails before writing a checkpoint. Without either, ``out`` must be absent or
+    empty; a failed run that wrote no checkpoint leaves nothing behind.
+    """
+    out = Path(out).expanduser()
+    if resume:
+        yield out
+        _umask_modes(out)
+        return
+    _check_out(out, overwrite)
+    existed = out.exists()
+    aside = None
+    if existed and any(out.iterdir()):
+        aside = _new_sibling(out, "old")
+        os.rename(out, aside / out.name)
+    out.mkdir(0o777, parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        _after_failure(out, aside, existed)
+        raise
+    _umask_modes(out)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _after_failure(out: Path, aside: Optional[Path], existed: bool) -> None:
+    if any(out.glob("checkpoint-*")):  # the failed run's checkpoints are worth more than a clean folder
+        if aside is not None:
+            logger.warning("training failed; its checkpoints are in %s, the previous contents in %s", out, aside)
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    if aside is not None:
+        os.rename(aside / out.name, out)
+        aside.rmdir()
+    elif existed:
+        out.mkdir(0o777)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -144,10 +261,23 @@ def _sparse_lora(r: int, **_):
     return SparseLoraConfig(r=r, lora_alpha=2 * r, task_type="CAUSAL_LM")
 
 
+def spiel_schedule(steps: Optional[int]) -> dict:
+    """SpIEL's drop-and-grow schedule for a run of ``steps`` optimizer steps.
+
+    SpielConfig's defaults reselect every 20 steps, which a short run never reaches. Here a run reselects about five
+    times (every ``max(2, steps // 5)`` steps, at most every 20) and accumulates gradients over the last third of each
+    interval.
+    """
+    if not steps:
+        return {}
+    reselection = min(20, max(2, steps // 5))
+    return {"reselection_steps": reselection, "accumulation_steps": max(1, reselection // 3), "total_steps": steps}
+
+
 def _spiel(r: int, **kw):
     from . import SpielConfig
 
-    return SpielConfig(r=r, task_type="CAUSAL_LM", total_steps=kw.get("total_steps"))
+    return SpielConfig(r=r, task_type="CAUSAL_LM", **spiel_schedule(kw.get("total_steps")))
 
 
 def _s2ft(r: int, **_):
@@ -158,13 +288,33 @@ def _s2ft(r: int, **_):
 
 METHODS: dict[str, Callable] = {"sparse_lora": _sparse_lora, "spiel": _spiel, "s2ft": _s2ft}
 # Learning rates that recover a pruned SmolLM2 well within a few minutes (see docs/benchmarks.md).
-DEFAULT_LR = {"sparse_lora": 1e-3, "spiel": 1e-3, "s2ft": 2e-4}
+DEFAULT_LR = {"sparse_lora": 1e-3, "spiel": 1e-3, "s2ft": 2e-4, "lora": 1e-3}
 
 
 def peft_config(method: str, r: int = 16, **kw):
+    """The config of one of the sparse tuners (``METHODS``), as the CLI and the demo use it."""
     if method not in METHODS:
         raise UserError(f"--method {method!r} is not one of {sorted(METHODS)}.")
     return METHODS[method](r=r, **kw)
+
+
+def lora_config(r: int = 16):
+    """peft LoRA with rank ``r`` on every linear layer but the output head (the seven projections of a Llama block),
+    as SparseLoRA's defaults: the LoRA* baseline (train, merge, then :func:`reprune`)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+@torch.no_grad()
+def reprune(model: nn.Module, zeros: dict[str, torch.Tensor]) -> None:
+    """Set every weight that was zero in the base (``zeros``, from :func:`zero_masks`) back to zero: LoRA*."""
+    from .pruning.report import linear_weight, prunable_modules
+
+    modules = prunable_modules(model)
+    for name, was_zero in zeros.items():
+        w = linear_weight(modules[name])  # (d_out, d_in), a view for Conv1D
+        w.masked_fill_(was_zero.to(w.device), 0)
 
 
 # ---- fine-tuning --------------------------------------------------------------------------------------------
@@ -186,10 +336,14 @@ def finetune(
     save_steps: Optional[int] = None,
     logging_steps: int = 10,
     check_sparsity_every: int = 0,
+    seed: int = 42,
+    callbacks: Optional[list] = None,
 ):
     """Fine-tune with TRL's ``SFTTrainer`` and nothing but ``peft_config``; returns the trainer.
 
-    ``max_seconds`` stops training after that much wall time (a fixed budget); ``max_steps`` always bounds it.
+    ``max_steps`` optimizer steps (fewer if ``max_seconds`` of wall time run out first). The same ``seed`` and
+    ``train_dataset`` give the same batches in the same order, whatever the tuner. ``gradient_checkpointing`` turns
+    on transformers' activation checkpointing.
     """
     from trl import SFTConfig, SFTTrainer
 
@@ -201,7 +355,7 @@ def finetune(
         learning_rate=lr,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size,
-        gradient_checkpointing=gradient_checkpointing,
+        activation_checkpointing=gradient_checkpointing,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(10, max(1, max_steps // 10)),
         logging_steps=logging_steps,
@@ -213,8 +367,9 @@ def finetune(
         eval_steps=eval_steps,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
+        seed=seed,
     )
-    callbacks = []
+    callbacks = list(callbacks or [])
     if max_seconds:
         callbacks.append(TimeBudgetCallback(max_seconds))
     if check_sparsity_every:
